@@ -1,0 +1,229 @@
+"""The ``sim2obs`` command line: one entry point, one subcommand per stage (DESIGN.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sim2obs.errors import Sim2ObsError
+
+EPILOG = "Each subcommand has its own --help. Docs: README.md; file formats: DESIGN.md."
+
+
+def _log(msg: str) -> None:
+    print(f"sim2obs: {msg}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# mini-universe
+# ----------------------------------------------------------------------------------------------
+
+def _add_mini(sub) -> None:
+    p = sub.add_parser(
+        "mini-universe",
+        help="write a small simulated universe in IllustrisTNG's on-disk layout",
+        description=(
+            "Draw a galaxy population from published scaling relations (stellar mass function, "
+            "star-forming main sequence, size-mass, mass-metallicity, bulge fraction) and write "
+            "it as an IllustrisTNG snapshot + group catalogue + offsets, readable by "
+            "illustris_python and by `sim2obs render --source tng:DIR`."
+        ),
+    )
+    p.add_argument("--out", required=True, type=Path, help="output folder (gets output/ and postprocessing/)")
+    p.add_argument("--n-galaxies", type=int, default=500, help="number of subhalos (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    p.add_argument("--snapshot", type=int, default=99, help="snapshot number (default 99, as TNG z=0)")
+    p.add_argument("--redshift", type=float, default=0.0, help="snapshot redshift (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_mini)
+
+
+def _cmd_mini(args) -> int:
+    from sim2obs.forward_models.simulations.mini import build_mini_universe
+
+    path = build_mini_universe(args.out, n_galaxies=args.n_galaxies, seed=args.seed,
+                               snapshot=args.snapshot, redshift=args.redshift,
+                               progress=not args.quiet)
+    _log(f"mini-universe with {args.n_galaxies} galaxies written to {path} "
+         f"(render it with: sim2obs render --source tng:{path} --snapshot {args.snapshot} ...)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# render
+# ----------------------------------------------------------------------------------------------
+
+def _add_render(sub) -> None:
+    from sim2obs.forward_models.realism import EFFECTS
+
+    p = sub.add_parser(
+        "render",
+        help="render simulated galaxies into survey cutouts (HDF5 shards)",
+        description=(
+            "Forward-model star particles through PopStar SSPs, the survey's filters, PSF, pixels "
+            "and noise, and write calibrated cutouts in nanomaggies to shard files "
+            "(DESIGN.md format). Reruns resume: complete shards are kept."
+        ),
+        epilog=(
+            "sources: 'mini' (built-in mini-universe, built and cached on first use), "
+            "'tng:PATH' (IllustrisTNG basePath, or a folder holding output/), "
+            "'tng-cutout:FILE_OR_DIR' (TNG web-API cutouts), 'eagle:PATH' (EAGLE particle data). "
+            "surveys: sdss, des, hsc, lsst, euclid, hst-cosmos, or a .toml/.yaml survey file."
+        ),
+    )
+    p.add_argument("--source", default="mini", help="galaxy source (default: mini)")
+    p.add_argument("--snapshot", type=int, default=None, help="snapshot number (TNG default 99)")
+    p.add_argument("--survey", required=True, help="survey name or survey file")
+    p.add_argument("--bands", nargs="+", default=None, help="subset of the survey's bands, in this order")
+    p.add_argument("--n", type=int, default=None, help="number of galaxies (default: all selected)")
+    p.add_argument("--out", required=True, type=Path, help="output folder for the shards")
+    p.add_argument("--name", default=None, help="shard file prefix (default: survey name)")
+    p.add_argument("--stamp", type=int, default=64, help="cutout size in pixels (default 64)")
+    p.add_argument("--psf-stamp", type=int, default=25, help="stored PSF image size, odd (default 25)")
+    p.add_argument("--realism", choices=("basic", "observed"), default="basic",
+                   help="basic: sky, Poisson and read noise; observed: also per-galaxy seeing, "
+                        "correlated noise, neighbours, stars, sky residuals, artifacts")
+    p.add_argument("--realism-effects", nargs="+", choices=EFFECTS, default=None,
+                   help="with --realism observed: only these effects (default all)")
+    p.add_argument("--psf-fwhm-scale", type=float, default=1.0,
+                   help="multiply every band's PSF FWHM (e.g. 1.3 for worse seeing)")
+    p.add_argument("--orientation", choices=("random", "face-on", "edge-on", "as-is"), default="random")
+    z = p.add_mutually_exclusive_group()
+    z.add_argument("--redshift", type=float, default=None,
+                   help="observe every galaxy at this redshift (default: the snapshot's, 0.1 for z=0)")
+    z.add_argument("--redshift-range", type=float, nargs=2, metavar=("ZMIN", "ZMAX"), default=None,
+                   help="draw each galaxy's redshift uniformly in this range (photo-z labels)")
+    p.add_argument("--dust", choices=("none", "calzetti", "charlot_fall"), default="none",
+                   help="dust attenuation (default none)")
+    p.add_argument("--spectra", action="store_true", help="also store integrated observed spectra")
+    p.add_argument("--no-noiseless", action="store_true", help="do not store noiseless images")
+    p.add_argument("--min-mstar", type=float, default=1e9, help="minimum stellar mass in Msun (default 1e9)")
+    p.add_argument("--min-particles", type=int, default=100, help="minimum star particles (default 100)")
+    p.add_argument("--shard-size", type=int, default=1000, help="galaxies per shard file (default 1000)")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_render)
+
+
+def _cmd_render(args) -> int:
+    import numpy as np
+
+    from sim2obs.forward_models.pipeline import RenderJob, render_to_shards
+    from sim2obs.forward_models.realism import RealismConfig
+    from sim2obs.forward_models.render import RenderConfig
+    from sim2obs.forward_models.simulations import open_source
+    from sim2obs.forward_models.simulations.base import Selection
+    from sim2obs.forward_models.stellar_pops import Dust
+    from sim2obs.forward_models.surveys import get_survey
+
+    survey = get_survey(args.survey)
+    if args.bands:
+        survey = survey.with_bands(args.bands)
+    if args.realism == "basic" and args.realism_effects:
+        raise _usage("--realism-effects needs --realism observed")
+    config = RenderConfig(
+        stamp=args.stamp, psf_stamp=args.psf_stamp, orientation=args.orientation,
+        redshift=args.redshift,
+        redshift_range=tuple(args.redshift_range) if args.redshift_range else None,
+        psf_fwhm_scale=args.psf_fwhm_scale, dust=Dust(model=args.dust),
+        store_noiseless=not args.no_noiseless, spectra=args.spectra,
+        realism=RealismConfig.from_level(args.realism, args.realism_effects),
+    )
+    if args.n is not None and args.n < 1:
+        raise _usage("--n must be >= 1")
+    selection = Selection(min_mstar_msun=args.min_mstar, min_particles=args.min_particles)
+    source = open_source(args.source, snapshot=args.snapshot, selection=selection,
+                         n_hint=args.n, progress=not args.quiet)
+    ids = np.asarray(source.ids())
+    if args.n is not None:
+        if args.n > ids.size:
+            _log(f"the source has {ids.size} galaxies passing the selection; rendering all of them "
+                 f"(asked for {args.n})")
+        ids = ids[: args.n]
+    job = RenderJob(source=source, survey=survey, config=config, seed=args.seed)
+    paths = render_to_shards(job, ids, args.out, name=args.name, shard_size=args.shard_size,
+                             workers=args.workers, progress=not args.quiet, log=_log)
+    _log(f"{ids.size} galaxies of '{source.name}' as seen by {survey.title} "
+         f"({', '.join(survey.band_names)}) -> {len(paths)} shard(s) in {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# show
+# ----------------------------------------------------------------------------------------------
+
+def _add_show(sub) -> None:
+    p = sub.add_parser(
+        "show",
+        help="PNG grid of cutouts: colour composites and per-band panels with labels",
+        description="Draw the first N cutouts of a shard folder (or file) as a PNG image grid.",
+    )
+    p.add_argument("shards", type=Path, help="shard folder or a single shard file")
+    p.add_argument("--out", required=True, type=Path, help="output PNG")
+    p.add_argument("--n", type=int, default=12, help="number of galaxies (default 12)")
+    p.add_argument("--rgb", nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="bands for the colour composite (default: three spread across the survey)")
+    p.add_argument("--labels", nargs="+", default=["log_mstar", "log_ssfr", "redshift"],
+                   help="labels to print under each galaxy")
+    p.add_argument("--no-bands", action="store_true", help="colour composites only")
+    p.set_defaults(func=_cmd_show)
+
+
+def _cmd_show(args) -> int:
+    from sim2obs.data.shards import read_folder, read_shard
+    from sim2obs.plots import image_grid
+
+    shard = read_shard(args.shards) if args.shards.is_file() else read_folder(args.shards)
+    path = image_grid(shard, args.out, n=args.n, rgb_bands=args.rgb, label_keys=tuple(args.labels),
+                      per_band=not args.no_bands)
+    _log(f"wrote {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+
+class _UsageError(Sim2ObsError, ValueError):
+    pass
+
+
+def _usage(msg: str) -> _UsageError:
+    return _UsageError(msg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sim2obs",
+        description="sim2obs: mock survey images from simulated galaxies, and the tools to close "
+                    "the gap to real observations.",
+        epilog=EPILOG,
+    )
+    from sim2obs import __version__
+
+    parser.add_argument("--version", action="version", version=f"sim2obs {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_mini(sub)
+    _add_render(sub)
+    _add_show(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except Sim2ObsError as exc:
+        _log(f"error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        _log("interrupted; complete shards are kept and a rerun resumes from them")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
