@@ -8,7 +8,7 @@ that of the background (sky + read noise), as in survey weight maps.
 
 * ``seeing``: per-galaxy PSF FWHM, lognormal around the band median with the survey's scatter;
 * ``correlated_noise``: background noise with the pixel correlations of a resampled coadd
-  (ground: Lanczos-3 resampling at a random sub-pixel shift; HST: GalSim's measured COSMOS
+  (ground: white noise convolved with a resampling kernel; HST: GalSim's measured COSMOS
   correlation function, ``galsim.getCOSMOSNoise``);
 * ``neighbours``: other galaxies in the stamp (Sérsic profiles; counts following the deep
   I-band number counts of Metcalfe et al. 2001, MNRAS 323, 795);
@@ -20,8 +20,6 @@ that of the background (sky + read noise), as in survey weight maps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
-
 import numpy as np
 
 from sim2obs.errors import Sim2ObsValueError
@@ -91,20 +89,21 @@ def point_source_depth_mag(band, pixel_scale_arcsec: float, fwhm_arcsec: float) 
     return float(22.5 - 2.5 * np.log10(5 * sigma_nmgy))
 
 
-@lru_cache(maxsize=16)
-def _resampling_correlation(pixel_scale_arcsec: float):
-    """Correlation of noise in a coadd resampled with a Lanczos-3 kernel at a half-pixel shift
-    (the worst case of the sub-pixel shifts a coadd mixes), estimated once with a fixed seed."""
+#: Coadd resampling correlation: warping exposures onto the coadd grid (Lanczos-3 at random
+#: sub-pixel shifts, Bosch et al. 2018, PASJ 70, S5, sec. 3.3) acts on the noise like a
+#: convolution with a narrow kernel; a Gaussian of 0.4 pixel sigma gives a nearest-neighbour
+#: correlation of ~0.3, comparable to what such coadds show.
+RESAMPLING_KERNEL_SIGMA_PIX = 0.4
+
+
+def _resampling_noise(pixel_scale_arcsec: float, variance: float, rng):
+    """White noise convolved with the resampling kernel (GalSim's analytic correlated-noise
+    model), rescaled to the requested per-pixel variance."""
     import galsim
 
-    rng = galsim.BaseDeviate(12345)
-    white = galsim.ImageD(256, 256, scale=pixel_scale_arcsec)
-    white.addNoise(galsim.GaussianNoise(rng, sigma=1.0))
-    interp = galsim.InterpolatedImage(white, x_interpolant="lanczos3", calculate_stepk=False,
-                                      calculate_maxk=False, normalization="sb")
-    shifted = interp.shift(0.5 * pixel_scale_arcsec, 0.5 * pixel_scale_arcsec).drawImage(
-        nx=192, ny=192, scale=pixel_scale_arcsec, method="no_pixel")
-    return galsim.CorrelatedNoise(shifted, rng=rng, scale=pixel_scale_arcsec, subtract_mean=True)
+    white = galsim.UncorrelatedNoise(1.0, rng=rng, scale=pixel_scale_arcsec)
+    kernel = galsim.Gaussian(sigma=RESAMPLING_KERNEL_SIGMA_PIX * pixel_scale_arcsec)
+    return white.convolvedWith(kernel).withVariance(variance)
 
 
 def _correlated_noise(survey, variance: float, rng):
@@ -112,7 +111,7 @@ def _correlated_noise(survey, variance: float, rng):
 
     if survey.psf.correlated_noise == "cosmos":
         return galsim.getCOSMOSNoise(rng=rng, cosmos_scale=0.03, variance=variance)
-    return _resampling_correlation(survey.pixel_scale_arcsec).withVariance(variance).copy(rng=rng)
+    return _resampling_noise(survey.pixel_scale_arcsec, variance, rng)
 
 
 def _galsim_seed(rng: np.random.Generator) -> int:
