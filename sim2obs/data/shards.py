@@ -36,6 +36,15 @@ FLUX_UNIT = "nanomaggy"
 _DOMAINS = ("sim", "real")
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import: os.umask can only be read by setting it
+
+
 def shard_filename(name: str, index: int) -> str:
     """``NAME-00000.h5`` for shard ``index``."""
     return f"{name}-{index:05d}.h5"
@@ -146,6 +155,7 @@ def write_shard(path: str | Path, shard: Shard) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; shards are shared data
         with h5py.File(tmp, "w", track_order=True) as f:
             opts = dict(track_times=False)
             f.create_dataset("images", data=np.asarray(shard.images, dtype=np.float32), **opts)
@@ -266,15 +276,31 @@ def read_folder(folder: str | Path, with_noiseless: bool = True) -> Shard:
     shards = [read_shard(p, with_noiseless=with_noiseless) for p in list_shards(folder)]
     first = shards[0]
     for s in shards[1:]:
-        if s.bands != first.bands or s.images.shape[1:] != first.images.shape[1:]:
+        differ = [
+            f"{what} {mine} vs {theirs}"
+            for what, mine, theirs in (
+                ("bands", s.bands, first.bands),
+                ("stamp", s.images.shape[2:], first.images.shape[2:]),
+                ("psf size", s.psf.shape[2:], first.psf.shape[2:]),
+                *((key, getattr(s.attrs, key), getattr(first.attrs, key))
+                  for key in ("survey", "pixel_scale_arcsec", "flux_unit", "domain")),
+            )
+            if mine != theirs
+        ]
+        if (s.spectra is not None and first.spectra is not None
+                and not np.array_equal(s.wavelength_angstrom, first.wavelength_angstrom)):
+            differ.append("/wavelength_angstrom grids")
+        if differ:
             raise Sim2ObsDataError(
-                f"'{s.path}' has bands {s.bands} / stamp {s.images.shape[2:]} but '{first.path}' "
-                f"has {first.bands} / {first.images.shape[2:]}: a folder must hold one survey setting"
+                f"'{s.path}' and '{first.path}' differ in {'; '.join(differ)}: a folder must hold "
+                "one survey setting"
             )
 
     def cat(name):
         vals = [getattr(s, name) for s in shards]
         return None if any(v is None for v in vals) else np.concatenate(vals)
+
+    spectra = cat("spectra")
 
     psf = np.concatenate([np.broadcast_to(s.psf, (len(s),) + s.psf.shape[1:]) for s in shards]) \
         if len(shards) > 1 else first.psf
@@ -283,7 +309,7 @@ def read_folder(folder: str | Path, with_noiseless: bool = True) -> Shard:
         images=cat("images"), psf=psf,
         labels={k: np.concatenate([s.labels[k] for s in shards]) for k in sorted(keys)},
         attrs=first.attrs, ivar=cat("ivar"), noiseless=cat("noiseless"),
-        spectra=cat("spectra"),
-        wavelength_angstrom=first.wavelength_angstrom if first.spectra is not None else None,
+        spectra=spectra,
+        wavelength_angstrom=first.wavelength_angstrom if spectra is not None else None,
         label_units=first.label_units, path=str(folder),
     )
