@@ -357,12 +357,15 @@ def test_snapshot_choice(tmp_path):
     with pytest.raises(Sim2ObsFileNotFoundError, match=r"available snapshots: \[28\]"):
         EagleSource(root, snapshot=27)
     write_eagle(root, snap=19, z_tag="z001p004")
-    with pytest.raises(Sim2ObsValueError, match=r"several EAGLE snapshots \(\[19, 28\]\)"):
-        EagleSource(root)
-    assert EagleSource(root, snapshot=28).snapshot == 28
-    (root / "groups_012_z003p017").mkdir()
-    with pytest.raises(Sim2ObsFileNotFoundError, match="particledata_012_z003p017"):
-        EagleSource(root, snapshot=12)
+    (root / "groups_035_z000p000").mkdir()  # a catalogue without particle data
+    src = EagleSource(root)  # default: the latest snapshot that has particle data
+    assert src.snapshot == 28 and src.tag == "028_z000p101"
+    assert EagleSource(root, snapshot=19).tag == "019_z001p004"
+    with pytest.raises(Sim2ObsFileNotFoundError, match="particledata_035_z000p000") as exc:
+        EagleSource(root, snapshot=35)
+    assert "snapshots with particle data: [19, 28]" in str(exc.value)
+    with pytest.raises(Sim2ObsFileNotFoundError, match=r"available snapshots: \[19, 28, 35\]"):
+        EagleSource(root, snapshot=27)
 
 
 def test_missing_chunk(tmp_path):

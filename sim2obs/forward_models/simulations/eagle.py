@@ -202,7 +202,8 @@ class EagleSource(GalaxySource):
     ----------
     path : the simulation folder holding ``groups_SSS_zXXXpXXX/`` and
         ``particledata_SSS_zXXXpXXX/`` (or its parent holding ``data/``).
-    snapshot : snapshot number ``SSS``; may be omitted when only one snapshot is present.
+    snapshot : snapshot number ``SSS``; default the latest one with both a catalogue and
+        particle data (028, z = 0, for a full EAGLE run).
     selection : stellar-mass (``Subhalo/MassType[:, 4]``) and star-particle-count
         (``Subhalo/SubLengthType[:, 4]``, else counted in the particle files) cuts.
     name : overrides the simulation name (default ``'EAGLE <folder>'``).
@@ -226,13 +227,8 @@ class EagleSource(GalaxySource):
         groups = _subfolders(root, _GROUPS_RE)
         particles = _subfolders(root, _PARTICLES_RE)
         both = sorted(set(groups) & set(particles))
-        if snapshot is None:
-            if len(groups) != 1:
-                raise Sim2ObsValueError(
-                    f"'{root}' holds several EAGLE snapshots ({sorted(groups)}); choose one with "
-                    f"snapshot=N (with particle data: {both})"
-                )
-            snapshot = next(iter(groups))
+        if snapshot is None:  # the latest snapshot that can be read (as for TNG sources)
+            snapshot = both[-1] if both else max(groups)
         snapshot = int(snapshot)
         if snapshot not in groups:
             raise Sim2ObsFileNotFoundError(
