@@ -126,6 +126,16 @@ class Shard:
                 f"{where}: /images has {int(bad.sum())} NaN/inf pixels that are not masked "
                 "(set ivar = 0 there, or clean the input)"
             )
+        if not np.all(np.isfinite(psf)):
+            raise Sim2ObsDataError(f"{where}: /psf has NaN/inf values")
+        if self.spectra is not None and self.wavelength_angstrom is not None:
+            spec = np.asarray(self.spectra)
+            wave = np.asarray(self.wavelength_angstrom)
+            if spec.ndim != 2 or spec.shape[0] != n or wave.shape != (spec.shape[1],):
+                raise Sim2ObsDataError(
+                    f"{where}: /spectra must be (N={n}, L) with /wavelength_angstrom (L,), got "
+                    f"{spec.shape} and {wave.shape}"
+                )
         if "object_id" not in self.labels:
             raise Sim2ObsDataError(f"{where}: /labels/object_id is required")
         labels = {}
@@ -133,7 +143,17 @@ class Shard:
             arr = np.asarray(val)
             if arr.shape != (n,):
                 raise Sim2ObsDataError(f"{where}: /labels/{key} has shape {arr.shape}, expected ({n},)")
-            labels[key] = arr.astype(np.int64) if key == "object_id" else arr.astype(np.float64)
+            if key == "object_id":
+                if arr.dtype.kind == "f" and (not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr))):
+                    raise Sim2ObsDataError(f"{where}: /labels/object_id must hold integers (got NaN or fractions)")
+                if arr.dtype.kind not in "iuf":
+                    raise Sim2ObsDataError(f"{where}: /labels/object_id must be integers, got {arr.dtype}")
+                labels[key] = arr.astype(np.int64)
+            else:
+                try:
+                    labels[key] = arr.astype(np.float64)
+                except (TypeError, ValueError) as exc:
+                    raise Sim2ObsDataError(f"{where}: /labels/{key} must be numeric ({exc})") from exc
         object.__setattr__(self, "labels", labels)
         if (self.spectra is None) != (self.wavelength_angstrom is None):
             raise Sim2ObsDataError(f"{where}: /spectra and /wavelength_angstrom go together")
@@ -179,7 +199,8 @@ def write_shard(path: str | Path, shard: Shard) -> Path:
             f.attrs["flux_unit"] = a.flux_unit
             f.attrs["domain"] = a.domain
             f.attrs["source"] = a.source
-            f.attrs["seed"] = -1 if a.seed is None else int(a.seed)
+            if a.seed is not None:
+                f.attrs["seed"] = int(a.seed)
             f.attrs["config"] = json.dumps(a.config, sort_keys=True)
             f.attrs["sim2obs_version"] = a.sim2obs_version
             f.attrs["n_objects"] = len(shard)
@@ -192,6 +213,11 @@ def write_shard(path: str | Path, shard: Shard) -> Path:
 
 
 _REQUIRED = ("images", "psf", "labels")
+
+
+def _text(value) -> str:
+    """HDF5 string attributes may come back as bytes (files written by other tools)."""
+    return value.decode() if isinstance(value, bytes | np.bytes_) else str(value)
 _REQUIRED_ATTRS = ("survey", "bands", "pixel_scale_arcsec", "domain", "source")
 
 
@@ -215,18 +241,18 @@ def read_shard(path: str | Path, with_noiseless: bool = True) -> Shard:
         for key in _REQUIRED_ATTRS:
             if key not in f.attrs:
                 raise Sim2ObsDataError(f"'{path}' lacks file attribute '{key}'")
-        seed = int(f.attrs.get("seed", -1))
+        seed = f.attrs.get("seed")
         try:
             config = json.loads(f.attrs.get("config", "{}"))
         except json.JSONDecodeError as exc:
             raise Sim2ObsDataError(f"'{path}': attribute 'config' is not valid JSON") from exc
         attrs = ShardAttrs(
             survey=str(f.attrs["survey"]),
-            bands=tuple(str(b) for b in f.attrs["bands"]),
+            bands=tuple(_text(b) for b in f.attrs["bands"]),
             pixel_scale_arcsec=float(f.attrs["pixel_scale_arcsec"]),
             domain=str(f.attrs["domain"]),
             source=str(f.attrs["source"]),
-            seed=None if seed < 0 else seed,
+            seed=None if seed is None else int(seed),
             config=config,
             flux_unit=str(f.attrs.get("flux_unit", FLUX_UNIT)),
             sim2obs_version=str(f.attrs.get("sim2obs_version", "unknown")),

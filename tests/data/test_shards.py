@@ -182,16 +182,11 @@ def test_nan_pixels(tmp_path):
         make_shard(images=images, ivar=ivar)
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="shards.py bug: NaN object_id is cast to int64 garbage")
 def test_nan_object_id_rejected():
     with pytest.raises(Sim2ObsDataError):
         make_shard(labels={"object_id": np.array([1.0, np.nan, 3.0])})
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="shards.py bug: a non-finite /psf is accepted")
 def test_nan_psf_rejected():
     psf = np.array(make_shard().psf)
     psf[0, 0, 0, 0] = np.nan
@@ -199,8 +194,6 @@ def test_nan_psf_rejected():
         make_shard(psf=psf)
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="shards.py bug: /spectra rows and wavelength length are not checked")
 def test_spectra_shapes_rejected():
     with pytest.raises(Sim2ObsDataError):
         make_shard(spectra=np.zeros((N + 2, L)), wavelength_angstrom=np.zeros(L - 1))
