@@ -522,7 +522,8 @@ def extinction_coefficients(filter_names: Sequence[str], r_v: float = 3.1,
         a_over_ebv = extinction.fitzpatrick99(wave, r_v, r_v)  # A_lambda for A_V = R_V, i.e. E(B-V)=1
         spec = wave**-2 if reference == "flat_fnu" else np.ones_like(wave)
         weight = spec * resp * wave
-        out.append(sfd_scale * np.trapezoid(a_over_ebv * weight, wave) / np.trapezoid(weight, wave))
+        trapz = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
+        out.append(sfd_scale * trapz(a_over_ebv * weight, wave) / trapz(weight, wave))
     return np.asarray(out, dtype=float)
 
 
