@@ -185,6 +185,14 @@ def test_population_sizes_follow_van_der_wel(population):
         0.86 + 0.25 * (np.median(lm[sel]) - math.log10(5e10)), abs=0.1)
     if np.count_nonzero(q) > 10:
         assert abs(np.median(resid[q])) < 0.08
+    # the relations themselves: table 1 (z = 0.25) values above the early-type break ...
+    assert mini.vdw14_log_re(11.0, True, 0.0) == pytest.approx(0.60 + 0.75 * (11 - math.log10(5e10)))
+    assert mini.vdw14_log_re(11.0, False, 0.0) == pytest.approx(0.86 + 0.25 * (11 - math.log10(5e10)))
+    # ... continuous, flatter below 2e10 Msun, and smaller at higher redshift
+    lo, hi = mini.vdw14_log_re(np.array([10.3, 10.302]), True, 0.0)
+    assert hi - lo < 0.01
+    assert mini.vdw14_log_re(9.0, True, 0.0) > -0.4  # no 0.1 kpc quiescent dwarfs
+    assert mini.vdw14_log_re(10.5, True, 2.0) < mini.vdw14_log_re(10.5, True, 0.0) - 0.4
 
 
 def test_population_metallicity_and_bulges(population):
