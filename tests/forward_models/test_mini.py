@@ -9,6 +9,7 @@ import h5py
 import illustris_python as il
 import numpy as np
 import pytest
+from scipy.integrate import trapezoid
 
 from sim2obs.errors import Sim2ObsValueError
 from sim2obs.forward_models import photometry
@@ -150,7 +151,7 @@ def test_population_mass_function(population):
     assert lm.min() >= 9.0 and lm.max() <= 11.5
     grid = np.linspace(9, 11.5, 2001)
     phi = mini.baldry12_smf(grid)
-    expected = np.trapezoid(phi[grid > 10.5], grid[grid > 10.5]) / np.trapezoid(phi, grid)
+    expected = trapezoid(phi[grid > 10.5], grid[grid > 10.5]) / trapezoid(phi, grid)
     observed = np.mean(lm > 10.5)
     # binomial 3-sigma
     assert abs(observed - expected) < 3 * math.sqrt(expected * (1 - expected) / lm.size)

@@ -135,12 +135,12 @@ def _time_splines(cosmology: str):
     """Cubic splines t(log10 a) and log10 a(t) in Gyr, tabulated once per process.
 
     t(a) = int_0^a da' / (a' H(a')) with the astropy cosmology's own H(z) (``efunc``, radiation
-    and massive neutrinos included), integrated with Simpson's rule on a fine grid in ln a from
-    a = 1e-8. This agrees with ``cosmology.age(z)`` to ~1e-8 Gyr but, unlike astropy's per-point
-    quadrature (noisy at the 1e-3 relative level for z > 1e3), is smooth and monotonic, so it
-    can be inverted.
+    and massive neutrinos included), integrated with the trapezoidal rule on a fine grid in
+    ln a from a = 1e-8. This agrees with ``cosmology.age(z)`` to ~1e-8 Gyr but, unlike astropy's
+    per-point quadrature (noisy at the 1e-3 relative level for z > 1e3), is smooth and
+    monotonic, so it can be inverted.
     """
-    from scipy.integrate import cumulative_simpson
+    from scipy.integrate import cumulative_trapezoid
     from scipy.interpolate import CubicSpline
 
     from sim2obs.forward_models.photometry import get_cosmology
@@ -148,7 +148,7 @@ def _time_splines(cosmology: str):
     cosmo = get_cosmology(cosmology)
     ln_a = np.linspace(math.log(1e-8), 0.0, 200_001)
     hubble_per_gyr = cosmo.H0.to("1/Gyr").value * cosmo.efunc(np.expm1(-ln_a))
-    t = cumulative_simpson(1.0 / hubble_per_gyr, x=ln_a, initial=0.0)
+    t = cumulative_trapezoid(1.0 / hubble_per_gyr, x=ln_a, initial=0.0)
     log_a = ln_a / math.log(10.0)
     keep = log_a >= _LOG_A_MIN - 0.01
     return CubicSpline(log_a[keep], t[keep]), CubicSpline(t[keep], log_a[keep])
