@@ -13,7 +13,10 @@ TNG snapshot is laid out::
 
 so that ``illustris_python`` and :class:`~sim2obs.forward_models.simulations.tng.TNGSource`
 read it like a real run (units as in TNG: ckpc/h, 1e10 Msun/h, formation scale factors, wind
-particles with ``GFM_StellarFormationTime <= 0`` mixed into PartType4).
+particles with ``GFM_StellarFormationTime <= 0`` mixed into PartType4). Unlike TNG, particle
+datasets are gzip-compressed (level 1, shuffle), which h5py and illustris_python read
+transparently. The default 500-galaxy universe has ~5.4 million particles, takes about a minute
+to build on two cores and ~320 MB on disk.
 
 Relations (each function below cites its source):
 
