@@ -110,6 +110,8 @@ class StarParticles:
             raise Sim2ObsDataError(f"{src}: field 'age_gyr' has negative ages")
         if np.any(arrays["metallicity"] < 0):
             raise Sim2ObsDataError(f"{src}: field 'metallicity' has negative values")
+        if "current_mass_msun" in arrays and np.any(arrays["current_mass_msun"] <= 0):
+            raise Sim2ObsDataError(f"{src}: field 'current_mass_msun' has zero or negative masses")
         if "smoothing_length_kpc" in arrays and np.any(arrays["smoothing_length_kpc"] <= 0):
             raise Sim2ObsDataError(f"{src}: field 'smoothing_length_kpc' must be positive")
         for name, arr in arrays.items():

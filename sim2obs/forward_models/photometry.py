@@ -175,10 +175,13 @@ class BandFluxTable:
         return self.library.interpolate(self.flux_nmgy_per_msun, age_gyr, metallicity) * mass[:, None]
 
 
+NO_DUST = Dust()
+
+
 @lru_cache(maxsize=32)
 def band_flux_table(
     filters: tuple[str, ...], redshift: float | None, cosmology: str = "Planck15",
-    library: str = "popstar", dust: Dust = Dust(),
+    library: str = "popstar", dust: Dust = NO_DUST,
 ) -> BandFluxTable:
     """Build (and cache per process) the flux table for these filters at this redshift.
 

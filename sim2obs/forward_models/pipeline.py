@@ -17,7 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from sim2obs.data.shards import Shard, ShardAttrs, is_complete, read_shard, shard_filename, write_shard
+from sim2obs.data.shards import (
+    Shard,
+    ShardAttrs,
+    is_complete,
+    read_shard,
+    shard_filename,
+    write_shard,
+)
 from sim2obs.errors import Sim2ObsError, Sim2ObsValueError
 from sim2obs.forward_models.galaxy import LABEL_UNITS
 from sim2obs.forward_models.render import RenderConfig, RenderedGalaxy, render_galaxy
@@ -35,9 +42,16 @@ class RenderJob:
     config: RenderConfig
     seed: int
 
-    def render(self, object_id: int) -> RenderedGalaxy:
+    def render(self, object_id: int) -> RenderedGalaxy | None:
+        """The rendered galaxy, or None when it has too few star particles once wind particles
+        are dropped (the catalogue count includes them); such galaxies are skipped."""
+        from sim2obs.forward_models.simulations.base import InsufficientParticlesError
+
         try:
             galaxy = self.source.load(int(object_id))
+        except InsufficientParticlesError:
+            return None
+        try:
             return render_galaxy(galaxy, self.survey, self.config, self.seed)
         except Sim2ObsError as exc:
             raise type(exc)(f"object {object_id}: {exc}") from exc
@@ -131,8 +145,9 @@ def _check_resumable(path: Path, provenance: dict, ids: np.ndarray) -> bool:
         return False
     shard = read_shard(path, with_noiseless=False)
     old = shard.attrs.config.get("job")
+    expected = np.setdiff1d(ids, shard.attrs.config.get("skipped_object_ids", []))
     if old != json.loads(json.dumps(provenance, sort_keys=True)) or not np.array_equal(
-            shard.labels["object_id"], ids):
+            np.sort(shard.labels["object_id"]), np.sort(expected)):
         raise Sim2ObsValueError(
             f"'{path}' exists but was rendered with other settings or objects; render into a new "
             "--out folder, or delete the old shards to replace them"
@@ -172,9 +187,18 @@ def render_to_shards(
     n_todo = sum(len(chunks[i]) for i in todo)
     bar = tqdm(total=n_todo, desc=f"render {job.survey.name}", unit="gal", disable=not progress)
     try:
-        for i, rendered in _render_shards(job, [chunks[i] for i in todo], workers, bar):
+        for i, results in _render_shards(job, [chunks[i] for i in todo], workers, bar):
+            rendered = [r for r in results if r is not None]
+            skipped = [int(c) for c, r in zip(chunks[todo[i]], results, strict=True) if r is None]
+            if skipped and log:
+                log(f"shard {todo[i]}: skipped {len(skipped)} galaxies with too few star particles "
+                    f"after dropping wind particles (ids {skipped[:5]}{'...' if len(skipped) > 5 else ''})")
+            if not rendered:
+                raise Sim2ObsValueError(
+                    f"every galaxy of shard {todo[i]} has too few star particles; lower --min-particles"
+                )
             shard_cfg = {"job": provenance, "shard_index": todo[i], "n_shards": len(chunks),
-                         "shard_size": int(shard_size)}
+                         "shard_size": int(shard_size), "skipped_object_ids": skipped}
             write_shard(paths[todo[i]], assemble_shard(job, rendered, shard_cfg))
     finally:
         bar.close()

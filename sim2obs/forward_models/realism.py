@@ -20,6 +20,7 @@ that of the background (sky + read noise), as in survey weight maps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import numpy as np
 
 from sim2obs.errors import Sim2ObsValueError

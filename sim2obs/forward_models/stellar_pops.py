@@ -111,9 +111,9 @@ def popstar(imf: str = "cha") -> SSPLibrary:
     Only the Chabrier (2003) IMF grid ships with the package; others need the full PopStar
     download and are refused with that message.
     """
-    from pst.SSP import PopStar
-
     import warnings
+
+    from pst.SSP import PopStar
 
     try:
         with warnings.catch_warnings():
