@@ -183,6 +183,149 @@ def _cmd_show(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# pretrain / embed / probe
+# ----------------------------------------------------------------------------------------------
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="self-supervised pretraining of an image encoder on shard folders",
+        description=(
+            "Train an encoder with SimCLR or VICReg on mock shards. With several folders of "
+            "different surveys, the same simulated galaxy seen by two surveys is a positive pair. "
+            "Writes RUN/checkpoint.pt (every epoch), config.json and metrics.csv. Data-parallel: "
+            "torchrun --nproc_per_node 2 -m sim2obs pretrain ..."
+        ),
+    )
+    p.add_argument("folders", nargs="+", type=Path, help="shard folders (one survey setting each)")
+    p.add_argument("--out", required=True, type=Path, help="run folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (same result as an "
+                        "uninterrupted run)")
+    p.add_argument("--method", choices=("simclr", "vicreg"), default="simclr")
+    p.add_argument("--encoder", choices=("resnet", "vit"), default="resnet")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size (all processes)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--embed-dim", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.1, help="SimCLR NT-Xent temperature")
+    p.add_argument("--bands", nargs="+", default=None,
+                   help="band names to train on (every folder must have them); needed when "
+                        "folders of different surveys have different band lists")
+    p.add_argument("--augment", choices=("physical", "geometric", "none"), default="physical",
+                   help="physical: noise re-realisation, worse seeing, Galactic reddening, then "
+                        "dihedral flips and sub-pixel shifts (default)")
+    p.add_argument("--no-cross-survey", action="store_true",
+                   help="do not pair the same galaxy across surveys")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 (or fp16) autocast on GPUs, fp32 on CPU")
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, mps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _cmd_pretrain(args) -> int:
+    from sim2obs.pretrain.train import PretrainConfig, pretrain
+
+    config = PretrainConfig(
+        method=args.method, encoder=args.encoder, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, embed_dim=args.embed_dim, temperature=args.temperature,
+        bands=tuple(args.bands) if args.bands else None, augment=args.augment,
+        cross_survey=not args.no_cross_survey, val_fraction=args.val_fraction,
+        precision=args.precision, channels_last=not args.no_channels_last, compile=args.compile,
+        num_workers=args.num_workers, seed=args.seed,
+    )
+    run = pretrain(args.folders, args.out, config, device=args.device, resume=args.resume,
+                   progress=not args.quiet, log=_log)
+    _log(f"run saved in {run} (checkpoint.pt, config.json, metrics.csv)")
+    return 0
+
+
+def _add_embed(sub) -> None:
+    p = sub.add_parser("embed", help="embed shard folders with a pretrained encoder",
+                       description="Write /embeddings (N, D) with object_id and labels to HDF5.")
+    p.add_argument("run", type=Path, help="run folder of `sim2obs pretrain`")
+    p.add_argument("folders", nargs="+", type=Path, help="shard folder(s)")
+    p.add_argument("--out", required=True, type=Path, help="output .h5 file")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_embed)
+
+
+def _cmd_embed(args) -> int:
+    from sim2obs.pretrain.evaluate import embed_folder
+
+    path = embed_folder(args.run, args.folders, args.out, device=args.device,
+                        batch_size=args.batch_size, progress=not args.quiet)
+    _log(f"wrote {path}")
+    return 0
+
+
+def _add_probe(sub) -> None:
+    p = sub.add_parser(
+        "probe",
+        help="linear and kNN probes of labels from embeddings, vs a random-init encoder",
+        description=(
+            "Cross-validated ridge (linear) and kNN regression from the encoder's embeddings to "
+            "each label, next to the same probes on a randomly initialised encoder of the same "
+            "architecture; plus collapse checks (per-dimension std, effective rank)."
+        ),
+    )
+    p.add_argument("run", type=Path, help="run folder of `sim2obs pretrain`")
+    p.add_argument("folders", nargs="+", type=Path, help="labelled shard folder(s)")
+    p.add_argument("--label", nargs="+", default=["log_mstar"], help="label(s) to probe")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_probe)
+
+
+def _cmd_probe(args) -> int:
+    import torch
+
+    from sim2obs.data.dataset import ShardDataset
+    from sim2obs.pretrain.evaluate import (
+        compute_embeddings,
+        folder_labels,
+        probe,
+        random_init_encoder,
+    )
+    from sim2obs.pretrain.losses import effective_rank, embedding_std
+    from sim2obs.pretrain.train import load_encoder
+
+    encoder, normalizer, _ = load_encoder(args.run)
+    ds = ShardDataset(args.folders, bands=normalizer.bands)
+    labels = folder_labels(ds)
+    missing = [lab for lab in args.label if lab not in labels]
+    if missing:
+        raise _usage(f"labels {missing} are not in the shards; available: {sorted(labels)}")
+    rand_enc, _ = random_init_encoder(args.run, seed=args.seed)
+    emb = {
+        "pretrained": compute_embeddings(encoder, normalizer, ds, device=args.device),
+        "random-init": compute_embeddings(rand_enc, normalizer, ds, device=args.device),
+    }
+    print(f"{len(ds)} galaxies, {args.folds}-fold cross-validation")
+    for name, e in emb.items():
+        t = torch.from_numpy(e)
+        print(f"  {name:12s} embedding std {embedding_std(t, normalize=True):.3f}, "
+              f"effective rank {effective_rank(t):.1f} of {e.shape[1]}")
+    for lab in args.label:
+        print(f"\n{lab}")
+        for name, e in emb.items():
+            scores = probe(e, labels[lab], lab, folds=args.folds, seed=args.seed)
+            for kind, sc in scores.items():
+                print(f"  {name:12s} {kind:6s} {sc.as_row()}")
+    ds.close()
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 
 class _UsageError(Sim2ObsError, ValueError):
     pass
@@ -206,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mini(sub)
     _add_render(sub)
     _add_show(sub)
+    _add_pretrain(sub)
+    _add_embed(sub)
+    _add_probe(sub)
     return parser
 
 

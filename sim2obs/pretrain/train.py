@@ -1,0 +1,566 @@
+"""Self-supervised pretraining: the training loop that composes data, augmentations, encoder,
+projection head and loss.
+
+* Methods: ``simclr`` (NT-Xent, Chen et al. 2020) and ``vicreg`` (Bardes et al. 2022).
+* Views: two augmentations of each galaxy; with several survey folders, the second view of a
+  galaxy is, when it exists, the same simulated galaxy rendered by another survey (same
+  ``object_id``) -- a positive pair that teaches survey invariance from the forward model.
+* Device: ``auto`` picks CUDA > MPS > CPU; bf16 autocast where supported (fp16 + GradScaler on
+  CUDA GPUs without bf16); optional channels_last and ``torch.compile``.
+* Schedule: AdamW, linear warm-up then cosine decay per step; gradient clipping.
+* Checkpoints: ``RUN/checkpoint.pt`` after every epoch, written atomically, loadable with
+  ``torch.load(weights_only=True)`` (tensors and plain Python types only): model, optimiser,
+  scheduler, config, normaliser, encoder config, package version. ``resume`` continues from it;
+  randomness is a function of (seed, epoch, rank), so a resumed CPU run ends with the same
+  weights as an uninterrupted one.
+* DDP under ``torchrun`` (gloo on CPU, nccl on GPU): a ``DistributedSampler`` shares each global
+  batch among ranks, embeddings are gathered for the loss, BatchNorm is synchronised.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from sim2obs.data.dataset import Normalizer, ShardDataset
+from sim2obs.errors import Sim2ObsDataError, Sim2ObsFileNotFoundError, Sim2ObsValueError
+
+METHODS = ("simclr", "vicreg")
+CHECKPOINT = "checkpoint.pt"
+
+#: Default encoder for CPU-friendly runs: a 4-stage ResNet, 16 base channels, stride-2 stem.
+DEFAULT_ENCODER_KWARGS = {"width": 16, "depths": [1, 1, 1, 1], "stem_stride": 2}
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything that determines a pretraining run (saved as ``config.json``)."""
+
+    method: str = "simclr"
+    encoder: str = "resnet"
+    encoder_kwargs: dict | None = None  # None: DEFAULT_ENCODER_KWARGS for resnet, {} otherwise
+    embed_dim: int = 128
+    proj_hidden: int = 512
+    proj_dim: int = 128
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 2.0
+    temperature: float = 0.1
+    grad_clip: float = 5.0
+    bands: tuple[str, ...] | None = None
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    augment: str = "physical"
+    cross_survey: bool = True
+    precision: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    num_workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise Sim2ObsValueError(f"unknown method '{self.method}'; use one of {list(METHODS)}")
+        if self.augment not in ("physical", "geometric", "none"):
+            raise Sim2ObsValueError("augment must be 'physical', 'geometric' or 'none'")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise Sim2ObsValueError("precision must be auto, fp32, bf16 or fp16")
+        if self.epochs < 1 or self.batch_size < 2 or not self.lr > 0:
+            raise Sim2ObsValueError("need epochs >= 1, batch_size >= 2 and lr > 0")
+        if self.bands is not None:
+            object.__setattr__(self, "bands", tuple(self.bands))
+        if self.encoder_kwargs is None:
+            kw = dict(DEFAULT_ENCODER_KWARGS) if self.encoder == "resnet" else {}
+            object.__setattr__(self, "encoder_kwargs", kw)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["bands"] = list(self.bands) if self.bands else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PretrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class SSLModel(nn.Module):
+    """Encoder + projection head: ``(N, B, H, W) -> (h (N, embed_dim), z (N, proj_dim))``."""
+
+    def __init__(self, encoder: nn.Module, proj_hidden: int, proj_dim: int):
+        super().__init__()
+        from sim2obs.pretrain.heads import ProjectionHead
+
+        self.encoder = encoder
+        self.head = ProjectionHead(encoder.embed_dim, proj_hidden, proj_dim)
+
+    def forward(self, x: torch.Tensor):
+        h = self.encoder(x)
+        return h, self.head(h)
+
+
+# --------------------------------------------------------------------------------------------
+# Environment: device, precision, distributed
+# --------------------------------------------------------------------------------------------
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA if available, else Apple MPS, else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise Sim2ObsValueError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise Sim2ObsValueError("--device cuda asked for but no CUDA GPU is available; use --device auto")
+    return dev
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for this precision setting (None = full fp32)."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        if precision in ("auto", "bf16") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16 if precision == "bf16" else None  # CPU bf16 only when asked
+    return torch.float16 if precision in ("auto", "fp16") else None
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str = "auto") -> DistInfo:
+    """Initialise the process group when started by ``torchrun`` (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        use_nccl = torch.cuda.is_available() and device_name != "cpu"
+        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+class PairDataset(torch.utils.data.Dataset):
+    """Items ``(view_a, view_b)`` of raw arrays. View b is the same galaxy in another survey
+    (same object_id) when ``cross_survey`` and one exists, chosen by (seed, epoch, index)."""
+
+    def __init__(self, base: ShardDataset, cross_survey: bool, seed: int):
+        self.base = base
+        self.seed = int(seed)
+        self.epoch = 0
+        self.partners: list[np.ndarray] | None = None
+        if cross_survey and len(set(base.surveys)) > 1:
+            surveys = np.array([base.surveys[f] for f in base.file_of])
+            order = np.argsort(base.object_id, kind="stable")
+            ids = base.object_id[order]
+            starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+            groups = np.split(order, starts[1:])
+            partners: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(base)
+            for g in groups:
+                for i in g:
+                    partners[i] = g[surveys[g] != surveys[i]]
+            self.partners = partners
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @staticmethod
+    def _pack(item: dict) -> dict:
+        ivar = item["ivar"] if item["ivar"] is not None else np.ones_like(item["image"])
+        return {"image": torch.from_numpy(item["image"]), "ivar": torch.from_numpy(ivar)}
+
+    def __getitem__(self, i: int):
+        a = self.base.raw(i)
+        j = i
+        if self.partners is not None and self.partners[i].size:
+            rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+            j = int(rng.choice(self.partners[i]))
+        b = a if j == i else self.base.raw(j)
+        return self._pack(a), self._pack(b)
+
+
+def build_augment(config: PretrainConfig, dataset: ShardDataset):
+    """The augmentation pipeline: physical ones (noise re-realisation, worse seeing, Galactic
+    reddening) before geometric ones (dihedral symmetries, sub-pixel shifts)."""
+    from sim2obs.pretrain import augment as A
+
+    geometric = [A.RandomRot90Flip(), A.RandomShift(max_shift=1.0)]
+    if config.augment == "none":
+        return A.Compose([])
+    if config.augment == "geometric":
+        return A.Compose(geometric)
+    physical: list = [A.NoiseResample(factor_range=(1.0, 1.5))]
+    fwhm_pix = _median_psf_fwhm_pix(dataset)
+    if fwhm_pix is not None:
+        physical.append(A.PSFDegrade(fwhm_pix, max_factor=1.3))
+    coeffs = _extinction_coefficients(dataset)
+    if coeffs is not None:
+        physical.append(A.GalacticReddening(coeffs, ebv_max=0.05))
+    return A.Compose(physical + geometric)
+
+
+def _median_psf_fwhm_pix(dataset: ShardDataset):
+    import h5py
+
+    out = []
+    for b in dataset.bands:
+        vals = []
+        for path in dataset.files:
+            with h5py.File(path, "r") as f:
+                key = f"labels/psf_fwhm_{b}"
+                if key in f:
+                    scale = float(f.attrs["pixel_scale_arcsec"])
+                    vals.append(np.nanmedian(f[key][()]) / scale)
+        if not vals:
+            return None
+        out.append(float(np.median(vals)))
+    return out
+
+
+def _extinction_coefficients(dataset: ShardDataset):
+    from sim2obs.errors import Sim2ObsError
+    from sim2obs.forward_models.surveys import get_survey
+    from sim2obs.pretrain.augment import extinction_coefficients
+
+    try:
+        spec = get_survey(dataset.surveys[0]).with_bands(dataset.bands)
+        return extinction_coefficients([b.filter for b in spec.bands]).tolist()
+    except (Sim2ObsError, ImportError):
+        return None  # unknown survey (e.g. real data) or no 'extinction' package: skip
+
+
+def _collate(batch):
+    a = {k: torch.stack([x[0][k] for x in batch]) for k in ("image", "ivar")}
+    b = {k: torch.stack([x[1][k] for x in batch]) for k in ("image", "ivar")}
+    return a, b
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Atomic ``torch.save``: temporary file in the same folder, then rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(run_dir: str | Path) -> dict:
+    """Load ``RUN/checkpoint.pt`` safely (``weights_only=True``)."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise Sim2ObsFileNotFoundError(
+            f"no checkpoint at '{path}': train one with `sim2obs pretrain DIR --out {run_dir}`"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt files
+        raise Sim2ObsDataError(f"'{path}' is not a readable sim2obs checkpoint ({exc})") from exc
+
+
+def checkpoint_hash(run_dir: str | Path) -> str:
+    return hashlib.sha256((Path(run_dir) / CHECKPOINT).read_bytes()).hexdigest()[:16]
+
+
+def load_encoder(run_dir: str | Path) -> tuple[nn.Module, Normalizer, dict]:
+    """Encoder (eval mode, CPU), its normaliser and the checkpoint's metadata."""
+    from sim2obs import encoders
+
+    ckpt = load_checkpoint(run_dir)
+    enc = encoders.build(**ckpt["encoder_config"])
+    state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    enc.load_state_dict(state)
+    enc.eval()
+    return enc, Normalizer.from_dict(ckpt["normalizer"]), ckpt
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+def _lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up to 1, then cosine decay to 0 (Loshchilov & Hutter 2017)."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def _make_loss(config: PretrainConfig, gather: bool) -> nn.Module:
+    from sim2obs.pretrain.losses import NTXentLoss, VICRegLoss
+
+    if config.method == "simclr":
+        return NTXentLoss(config.temperature, gather=gather)
+    return VICRegLoss(gather=gather)
+
+
+def _generator(device: torch.device, seed: int, *keys: int) -> torch.Generator:
+    g = torch.Generator(device=device if device.type == "cuda" else "cpu")
+    g.manual_seed(int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0]))
+    return g
+
+
+def pretrain(
+    folders: list[str | Path],
+    out_dir: str | Path,
+    config: PretrainConfig = PretrainConfig(),
+    device: str = "auto",
+    resume: bool = False,
+    progress: bool = True,
+    max_steps_per_epoch: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Train and return the run folder (``checkpoint.pt``, ``config.json``, ``metrics.csv``)."""
+    from tqdm.auto import tqdm
+
+    from sim2obs import __version__, encoders
+
+    dist_info = init_distributed(device)
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    out = Path(out_dir)
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(out)
+        saved = PretrainConfig.from_dict(ckpt["config"])
+        if saved != config:
+            config = saved  # the run's own config wins; CLI only points at the run
+    elif (out / CHECKPOINT).exists():
+        raise Sim2ObsValueError(
+            f"'{out}' already holds a run; use --resume to continue it or choose another --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+
+    train_ds = ShardDataset(folders, bands=config.bands, split="train",
+                            val_fraction=config.val_fraction, split_seed=config.split_seed)
+    val_ds = None
+    if config.val_fraction > 0:
+        try:
+            val_ds = ShardDataset(folders, bands=train_ds.bands, split="val",
+                                  val_fraction=config.val_fraction, split_seed=config.split_seed)
+        except Sim2ObsDataError:
+            val_ds = None
+    world_batch = config.batch_size
+    if world_batch % dist_info.world:
+        raise Sim2ObsValueError(
+            f"batch size {world_batch} must be divisible by the number of processes {dist_info.world}"
+        )
+    local_batch = world_batch // dist_info.world
+    if len(train_ds) < world_batch:
+        raise Sim2ObsValueError(
+            f"only {len(train_ds)} training galaxies for a batch of {world_batch}; render more or "
+            "lower --batch-size"
+        )
+    normalizer = (Normalizer.from_dict(ckpt["normalizer"]) if ckpt
+                  else Normalizer.from_noise(train_ds))
+    augment = build_augment(config, train_ds).to(dev)
+
+    encoder = encoders.build(config.encoder, len(train_ds.bands), config.embed_dim,
+                             **config.encoder_kwargs)
+    model: nn.Module = SSLModel(encoder, config.proj_hidden, config.proj_dim)
+    if dist_info.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(dev)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    pairs = PairDataset(train_ds, config.cross_survey, config.seed)
+    sampler = torch.utils.data.distributed.DistributedSampler(
+        pairs, num_replicas=dist_info.world, rank=dist_info.rank, shuffle=True,
+        seed=config.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        pairs, batch_size=local_batch, sampler=sampler, drop_last=True,
+        num_workers=config.num_workers, collate_fn=_collate,
+        persistent_workers=config.num_workers > 0, pin_memory=dev.type == "cuda")
+    steps_per_epoch = len(loader) if max_steps_per_epoch is None else min(len(loader), max_steps_per_epoch)
+    total_steps = steps_per_epoch * config.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_lambda(int(config.warmup_epochs * steps_per_epoch) or 1, total_steps))
+    start_epoch = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start_epoch = int(ckpt["epoch"]) + 1
+        if log and dist_info.main:
+            log(f"resuming '{out}' after epoch {start_epoch} of {config.epochs}")
+    train_model: nn.Module = model
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if config.compile:
+        train_model = torch.compile(train_model)
+    loss_fn = _make_loss(config, gather=dist_info.enabled)
+    amp_dtype = autocast_dtype(config.precision, dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
+    if dist_info.main:
+        (out / "config.json").write_text(json.dumps(
+            {"config": config.to_dict(), "folders": [str(f) for f in folders],
+             "bands": list(train_ds.bands), "normalizer": normalizer.to_dict(),
+             "encoder_config": encoder.config(), "sim2obs_version": __version__,
+             "world_size": dist_info.world, "device": str(dev)}, indent=2))
+    metrics_path = out / "metrics.csv"
+    fields = ["epoch", "steps", "train_loss", "val_loss", "lr", "embedding_std",
+              "effective_rank", "seconds", "samples_per_s"]
+    if dist_info.main:
+        rows = []
+        if ckpt is not None and metrics_path.exists():
+            with metrics_path.open() as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) < start_epoch]
+        with metrics_path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+
+    def views(batch, gen):
+        x = batch["image"].to(dev, non_blocking=True)
+        ivar = batch["ivar"].to(dev, non_blocking=True)
+        x = normalizer(augment(x, gen, ivar=ivar))
+        if config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def step_loss(a, b, gen):
+        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            xa, xb = views(a, gen), views(b, gen)
+            ha, za = train_model(xa)
+            hb, zb = train_model(xb)
+            loss = loss_fn(za.float(), zb.float())
+            if isinstance(loss, tuple):
+                loss = loss[0]
+        return loss, ha
+
+    for epoch in range(start_epoch, config.epochs):
+        sampler.set_epoch(epoch)
+        pairs.set_epoch(epoch)
+        gen = _generator(dev, config.seed, epoch, dist_info.rank)
+        train_model.train()
+        t0 = time.perf_counter()
+        losses = []
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=not (progress and dist_info.main), leave=False)
+        for step, (a, b) in enumerate(loader):
+            if step >= steps_per_epoch:
+                break
+            loss, _ = step_loss(a, b, gen)
+            if not torch.isfinite(loss):
+                raise Sim2ObsValueError(
+                    f"loss became {loss.item()} at epoch {epoch + 1} step {step}: lower --lr, or "
+                    "check the inputs for extreme values"
+                )
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            if config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.close()
+        seconds = time.perf_counter() - t0
+        val_loss, emb_std, eff_rank = _validate(model, val_ds, views, config, dev, amp_dtype)
+        if dist_info.main:
+            row = {"epoch": epoch, "steps": (epoch + 1) * steps_per_epoch,
+                   "train_loss": float(np.mean(losses)), "val_loss": val_loss,
+                   "lr": sched.get_last_lr()[0], "embedding_std": emb_std,
+                   "effective_rank": eff_rank, "seconds": seconds,
+                   "samples_per_s": steps_per_epoch * world_batch / seconds}
+            with metrics_path.open("a", newline="") as fh:
+                csv.DictWriter(fh, fieldnames=fields).writerow(row)
+            save_checkpoint(out / CHECKPOINT, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "epoch": epoch, "config": config.to_dict(),
+                "normalizer": normalizer.to_dict(), "encoder_config": encoder.config(),
+                "bands": list(train_ds.bands), "sim2obs_version": __version__,
+            })
+            if log:
+                log(f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}, val "
+                    f"{val_loss:.4f}, effective rank {eff_rank:.1f}, {row['samples_per_s']:.0f} samples/s")
+        if dist_info.enabled:
+            torch.distributed.barrier()
+    train_ds.close()
+    return out
+
+
+@torch.no_grad()
+def _validate(model, val_ds, views, config, dev, amp_dtype):
+    """Validation loss on fixed augmentations (computed on this process's data, no gathering)
+    and the collapse diagnostics of the embeddings."""
+    from sim2obs.pretrain.losses import effective_rank, embedding_std
+
+    loss_fn_local = _make_loss(config, gather=False)
+    if val_ds is None or len(val_ds) < 2:
+        return float("nan"), float("nan"), float("nan")
+    model.eval()
+    pairs = PairDataset(val_ds, config.cross_survey, config.seed)
+    loader = torch.utils.data.DataLoader(pairs, batch_size=min(256, len(val_ds)), collate_fn=_collate)
+    gen = _generator(dev, config.seed, 10**6)
+    losses, embs = [], []
+    for a, b in loader:
+        if a["image"].shape[0] < 2:
+            continue
+        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            ha, za = model(views(a, gen))
+            _, zb = model(views(b, gen))
+            loss = loss_fn_local(za.float(), zb.float())
+            if isinstance(loss, tuple):
+                loss = loss[0]
+        losses.append(float(loss))
+        embs.append(ha.float().cpu())
+    val_ds.close()
+    model.train()
+    if not embs:
+        return float("nan"), float("nan"), float("nan")
+    h = torch.cat(embs)
+    return float(np.mean(losses)), float(embedding_std(h, normalize=True)), float(effective_rank(h))
