@@ -208,6 +208,9 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--batch-size", type=int, default=128, help="global batch size (all processes)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--embed-dim", type=int, default=128)
+    p.add_argument("--norm", choices=("batch", "group"), default="batch",
+                   help="resnet normalisation; 'group' (and no BatchNorm in the projection head) "
+                        "makes CPU DDP runs match single-process ones")
     p.add_argument("--temperature", type=float, default=0.1, help="SimCLR NT-Xent temperature")
     p.add_argument("--bands", nargs="+", default=None,
                    help="band names to train on (every folder must have them); needed when "
@@ -238,7 +241,7 @@ def _cmd_pretrain(args) -> int:
         bands=tuple(args.bands) if args.bands else None, augment=args.augment,
         cross_survey=not args.no_cross_survey, val_fraction=args.val_fraction,
         precision=args.precision, channels_last=not args.no_channels_last, compile=args.compile,
-        num_workers=args.num_workers, seed=args.seed,
+        num_workers=args.num_workers, seed=args.seed, norm=args.norm,
     )
     run = pretrain(args.folders, args.out, config, device=args.device, resume=args.resume,
                    progress=not args.quiet, log=_log)

@@ -14,7 +14,9 @@ projection head and loss.
   randomness is a function of (seed, epoch, rank), so a resumed CPU run ends with the same
   weights as an uninterrupted one.
 * DDP under ``torchrun`` (gloo on CPU, nccl on GPU): a ``DistributedSampler`` shares each global
-  batch among ranks, embeddings are gathered for the loss, BatchNorm is synchronised.
+  batch among ranks and embeddings are gathered for the loss. BatchNorm is synchronised on GPUs;
+  on CPU (where PyTorch has no SyncBatchNorm) ``norm='group'`` makes the result independent of
+  the number of processes.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class PretrainConfig:
     method: str = "simclr"
     encoder: str = "resnet"
     encoder_kwargs: dict | None = None  # None: DEFAULT_ENCODER_KWARGS for resnet, {} otherwise
+    norm: str = "batch"  # 'batch' or 'group' (resnet normalisation; 'group' also drops BN in the head)
     embed_dim: int = 128
     proj_hidden: int = 512
     proj_dim: int = 128
@@ -83,9 +86,13 @@ class PretrainConfig:
             raise Sim2ObsValueError("need epochs >= 1, batch_size >= 2 and lr > 0")
         if self.bands is not None:
             object.__setattr__(self, "bands", tuple(self.bands))
+        if self.norm not in ("batch", "group"):
+            raise Sim2ObsValueError(f"norm must be 'batch' or 'group', got '{self.norm}'")
         if self.encoder_kwargs is None:
             kw = dict(DEFAULT_ENCODER_KWARGS) if self.encoder == "resnet" else {}
             object.__setattr__(self, "encoder_kwargs", kw)
+        if self.encoder == "resnet" and self.norm == "group":
+            object.__setattr__(self, "encoder_kwargs", {**self.encoder_kwargs, "norm": "group"})
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -101,12 +108,12 @@ class PretrainConfig:
 class SSLModel(nn.Module):
     """Encoder + projection head: ``(N, B, H, W) -> (h (N, embed_dim), z (N, proj_dim))``."""
 
-    def __init__(self, encoder: nn.Module, proj_hidden: int, proj_dim: int):
+    def __init__(self, encoder: nn.Module, proj_hidden: int, proj_dim: int, batch_norm: bool = True):
         super().__init__()
         from sim2obs.pretrain.heads import ProjectionHead
 
         self.encoder = encoder
-        self.head = ProjectionHead(encoder.embed_dim, proj_hidden, proj_dim)
+        self.head = ProjectionHead(encoder.embed_dim, proj_hidden, proj_dim, batch_norm=batch_norm)
 
     def forward(self, x: torch.Tensor):
         h = self.encoder(x)
@@ -353,9 +360,15 @@ def pretrain(
     resume: bool = False,
     progress: bool = True,
     max_steps_per_epoch: int | None = None,
+    stop_after_epoch: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Path:
-    """Train and return the run folder (``checkpoint.pt``, ``config.json``, ``metrics.csv``)."""
+    """Train and return the run folder (``checkpoint.pt``, ``config.json``, ``metrics.csv``).
+
+    ``stop_after_epoch=k`` ends the call after epoch k's checkpoint (a time-limited cluster job);
+    ``resume=True`` continues to ``config.epochs``. ``max_steps_per_epoch`` caps the steps per
+    epoch (quick checks, benchmarks).
+    """
     from tqdm.auto import tqdm
 
     from sim2obs import __version__, encoders
@@ -404,9 +417,13 @@ def pretrain(
 
     encoder = encoders.build(config.encoder, len(train_ds.bands), config.embed_dim,
                              **config.encoder_kwargs)
-    model: nn.Module = SSLModel(encoder, config.proj_hidden, config.proj_dim)
-    if dist_info.enabled:
+    model: nn.Module = SSLModel(encoder, config.proj_hidden, config.proj_dim,
+                                batch_norm=config.norm == "batch")
+    if dist_info.enabled and dev.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif dist_info.enabled and config.norm == "batch" and log and dist_info.main:
+        log("note: BatchNorm statistics are per process on CPU (SyncBatchNorm needs GPUs); "
+            "use --norm group for results independent of the number of processes")
     model = model.to(dev)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -509,10 +526,15 @@ def pretrain(
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.close()
         seconds = time.perf_counter() - t0
+        train_loss = float(np.mean(losses))
+        if dist_info.enabled:  # each rank's loss covers its own anchors: average over ranks
+            t = torch.tensor([train_loss], dtype=torch.float64, device=dev)
+            torch.distributed.all_reduce(t)
+            train_loss = float(t.item()) / dist_info.world
         val_loss, emb_std, eff_rank = _validate(model, val_ds, views, config, dev, amp_dtype)
         if dist_info.main:
             row = {"epoch": epoch, "steps": (epoch + 1) * steps_per_epoch,
-                   "train_loss": float(np.mean(losses)), "val_loss": val_loss,
+                   "train_loss": train_loss, "val_loss": val_loss,
                    "lr": sched.get_last_lr()[0], "embedding_std": emb_std,
                    "effective_rank": eff_rank, "seconds": seconds,
                    "samples_per_s": steps_per_epoch * world_batch / seconds}
@@ -529,6 +551,8 @@ def pretrain(
                     f"{val_loss:.4f}, effective rank {eff_rank:.1f}, {row['samples_per_s']:.0f} samples/s")
         if dist_info.enabled:
             torch.distributed.barrier()
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            break
     train_ds.close()
     return out
 
