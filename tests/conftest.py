@@ -44,3 +44,9 @@ def synthetic_folders(tmp_path_factory):
     a = make_synthetic_shards(root / "hsc", n=96, survey="hsc", seed=1)
     b = make_synthetic_shards(root / "lsst", n=96, survey="lsst", bands=("g", "r", "i", "z"), seed=2)
     return a, b
+
+
+@pytest.fixture(scope="session")
+def make_shards():
+    """The synthetic shard maker, for tests that need their own variant."""
+    return make_synthetic_shards

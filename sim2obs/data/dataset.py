@@ -31,8 +31,8 @@ DEFAULT_ASINH_K = 3.0
 def split_of(object_ids: np.ndarray, val_fraction: float, seed: int = 0) -> np.ndarray:
     """Boolean mask, True for validation: a SplitMix64 hash of (object_id, seed) (Steele et al.
     2014, OOPSLA) compared with ``val_fraction``; stable across runs, machines and surveys."""
-    x = (np.asarray(object_ids, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15))
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore"):  # modular uint64 arithmetic is the point
+        x = np.asarray(object_ids, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
         x = x + np.uint64(0x9E3779B97F4A7C15)
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)

@@ -1,0 +1,73 @@
+"""ShardDataset and Normalizer: lazy multi-folder indexing, deterministic split, errors."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from sim2obs.data.dataset import Normalizer, ShardDataset, split_of
+from sim2obs.errors import Sim2ObsDataError, Sim2ObsValueError
+
+
+def test_items_and_band_selection(synthetic_folders):
+    ds = ShardDataset(synthetic_folders[1], bands=("i", "g"), label_keys=("log_mstar", "nope"))
+    item = ds[3]
+    assert item["image"].shape == (2, 32, 32) and item["image"].dtype == np.float32
+    assert item["survey"] == "lsst"
+    assert np.isfinite(item["labels"]["log_mstar"]) and np.isnan(item["labels"]["nope"])
+    full = ShardDataset(synthetic_folders[1])
+    np.testing.assert_array_equal(item["image"][0], full[3]["image"][2])  # 'i' is band 2
+
+
+def test_split_is_deterministic_disjoint_and_survey_independent(synthetic_folders):
+    a_train = ShardDataset(synthetic_folders[0], split="train", val_fraction=0.25)
+    a_val = ShardDataset(synthetic_folders[0], split="val", val_fraction=0.25)
+    b_val = ShardDataset(synthetic_folders[1], split="val", val_fraction=0.25)
+    assert len(a_train) + len(a_val) == 96
+    assert not set(a_train.object_id) & set(a_val.object_id)
+    assert set(a_val.object_id) == set(b_val.object_id)  # same galaxies held out in both surveys
+    assert 10 < len(a_val) < 40
+    ids = np.arange(10000)
+    np.testing.assert_array_equal(split_of(ids, 0.1, 3), split_of(ids, 0.1, 3))
+    assert abs(split_of(ids, 0.1, 3).mean() - 0.1) < 0.02
+
+
+def test_works_in_dataloader_workers(synthetic_folders):
+    ds = ShardDataset(synthetic_folders[0])
+    ds.raw(0)  # open a handle in the parent: must not be shipped to workers
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._handles == {}
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=8, num_workers=2,
+        collate_fn=lambda items: torch.stack([torch.from_numpy(i["image"]) for i in items]))
+    n = sum(batch.shape[0] for batch in loader)
+    assert n == len(ds)
+
+
+def test_mixed_stamp_sizes_refused(synthetic_folders, make_shards, tmp_path):
+    other = make_shards(tmp_path / "big", n=8, survey="hsc", stamp=48)
+    with pytest.raises(Sim2ObsDataError, match="same --stamp"):
+        ShardDataset([synthetic_folders[0], other])
+
+
+def test_normalizer_from_noise(synthetic_folders):
+    ds = ShardDataset(synthetic_folders[0])
+    norm = Normalizer.from_noise(ds, k=3.0)
+    np.testing.assert_allclose(norm.scale_nmgy, 3 * 0.05, rtol=1e-5)
+    x = np.full((3, 4, 4), 0.15, np.float32)
+    np.testing.assert_allclose(norm(x), np.arcsinh(1.0), rtol=1e-6)
+    t = norm(torch.from_numpy(x)[None])
+    assert t.shape == (1, 3, 4, 4)
+    assert Normalizer.from_dict(norm.to_dict()) == norm
+    with pytest.raises(Sim2ObsValueError):
+        Normalizer(("g",), (0.0,))
+
+
+def test_errors(synthetic_folders, tmp_path):
+    with pytest.raises(Sim2ObsDataError, match="missing"):
+        ShardDataset([synthetic_folders[0], synthetic_folders[1]], bands=("z",))
+    with pytest.raises(Sim2ObsValueError, match="split"):
+        ShardDataset(synthetic_folders[0], split="test")
+    with pytest.raises(FileNotFoundError):
+        ShardDataset(tmp_path / "nothing")

@@ -1,0 +1,76 @@
+"""Probes and embeddings: ridge/kNN against closed forms, metric conventions, embeddings file."""
+
+import h5py
+import numpy as np
+import pytest
+
+from sim2obs.errors import Sim2ObsValueError
+from sim2obs.pretrain.evaluate import (
+    embed_folder,
+    knn_fit_predict,
+    probe,
+    read_embeddings,
+    regression_scores,
+    ridge_fit_predict,
+)
+from sim2obs.pretrain.train import PretrainConfig, pretrain
+
+
+def test_ridge_recovers_a_linear_law_and_matches_closed_form():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 5))
+    y = x @ np.array([1.0, -2.0, 0.5, 0.0, 3.0]) + 0.7
+    pred = ridge_fit_predict(x[:150], y[:150], x[150:], alphas=(1e-8,))
+    np.testing.assert_allclose(pred, y[150:], atol=1e-5)
+    # closed form with alpha on standardised features
+    a = 10.0
+    mu, sd = x[:150].mean(0), x[:150].std(0)
+    xs = (x[:150] - mu) / sd
+    coef = np.linalg.solve(xs.T @ xs + a * np.eye(5), xs.T @ (y[:150] - y[:150].mean()))
+    expected = ((x[150:] - mu) / sd) @ coef + y[:150].mean()
+    np.testing.assert_allclose(ridge_fit_predict(x[:150], y[:150], x[150:], alphas=(a,)), expected)
+
+
+def test_knn_averages_neighbours():
+    x = np.array([[0.0], [1.0], [2.0], [10.0]])
+    y = np.array([0.0, 1.0, 2.0, 10.0])
+    np.testing.assert_allclose(knn_fit_predict(x, y, np.array([[0.9]]), k=3), [1.0])
+
+
+def test_score_conventions():
+    y = np.array([0.1, 0.2, 0.3, 0.4])
+    s = regression_scores(y, y, "redshift")
+    assert s.r2 == 1 and s.nmad == 0 and s.outlier_fraction == 0
+    # photo-z outlier: |dz|/(1+z) > 0.15
+    s = regression_scores(np.array([1.0, 1.0]), np.array([1.0, 1.4]), "redshift")
+    assert s.outlier_fraction == 0.5
+    d = np.array([0.0, 0.1, -0.1, 0.2, -0.2])
+    s = regression_scores(np.zeros(5), d, "log_mstar")
+    assert s.nmad == pytest.approx(1.4826 * 0.1)
+
+
+def test_probe_finds_signal_and_not_noise():
+    rng = np.random.default_rng(1)
+    y = rng.uniform(9, 11, 300)
+    signal = np.c_[y + rng.normal(0, 0.05, 300), rng.normal(size=(300, 7))]
+    noise = rng.normal(size=(300, 8))
+    good = probe(signal, y, "log_mstar")
+    bad = probe(noise, y, "log_mstar")
+    assert good["linear"].r2 > 0.95 and good["knn"].r2 > 0.5
+    assert bad["linear"].r2 < 0.1
+    with pytest.raises(Sim2ObsValueError, match="too few"):
+        probe(signal[:4], y[:4], "log_mstar")
+
+
+def test_embed_folder_writes_design_format(synthetic_folders, tmp_path):
+    cfg = PretrainConfig(epochs=1, batch_size=16, embed_dim=8, proj_hidden=16, proj_dim=8,
+                         encoder_kwargs={"width": 8, "depths": [1], "stem_stride": 2})
+    run = pretrain([synthetic_folders[0]], tmp_path / "run", cfg, progress=False)
+    out = embed_folder(run, [synthetic_folders[0]], tmp_path / "emb.h5", progress=False)
+    emb, labels, attrs = read_embeddings(out)
+    assert emb.shape == (96, 8) and emb.dtype == np.float32
+    np.testing.assert_array_equal(labels["object_id"], np.arange(96))
+    assert "log_mstar" in labels and attrs["domain"] == "sim" and list(attrs["bands"]) == ["g", "r", "i"]
+    assert "@" in attrs["model"]
+    with h5py.File(out) as f:
+        assert f["labels/log_mstar"].attrs["unit"] == ""
