@@ -329,6 +329,127 @@ def _cmd_probe(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# ingest / export (real data in and out of the shard format)
+# ----------------------------------------------------------------------------------------------
+
+def _add_ingest(sub) -> None:
+    p = sub.add_parser(
+        "ingest",
+        help="real cutouts (FITS or HDF5) and catalogues -> shards (domain 'real')",
+        description=(
+            "Read real cutouts into shards: FITS cubes (BANDS/FILTERn keywords), one HDU per band, "
+            "or one file per band grouped by --group-pattern; HDF5 arrays with a key mapping. "
+            "Fluxes go to nanomaggies from BUNIT (nanomaggy, nJy), MAGZERO/MAGZP, FLUXMAG0, "
+            "PHOTFLAM+PHOTPLAM or --zeropoint; ivar from IVAR/WHT/VAR/ERR HDUs or a sigma-clipped "
+            "background; masks and NaNs -> ivar 0. Cutouts whose pixel scale or size differ from "
+            "--survey/--stamp are resampled flux-conservingly (GalSim) and recentred. Every shard "
+            "records its provenance in 'config'."
+        ),
+        epilog=(
+            "examples: sim2obs ingest cutouts/*.fits --survey hsc --out real/hsc/ ;  "
+            "sim2obs ingest 'hsc/*.fits' --group-pattern '(?P<id>\\d+)-HSC-(?P<band>[A-Z])' --survey hsc "
+            "--out real/hsc/ ;  sim2obs ingest data.h5 --images-key images --bands g r z --out real/x/ ;  "
+            "sim2obs ingest --example hdf --out real/hdf/"
+        ),
+    )
+    p.add_argument("inputs", nargs="*", help="FITS files, folders or glob patterns, or one .h5 file")
+    p.add_argument("--out", required=True, type=Path, help="output shard folder")
+    p.add_argument("--example", choices=("hdf",), default=None,
+                   help="built-in real example: 'hdf' = Hubble Deep Field galaxies (scikit-image), uncalibrated")
+    p.add_argument("--survey", default=None, help="target survey (pixel scale, band names, PSF model)")
+    p.add_argument("--bands", nargs="+", default=None, help="band names (cube planes / HDF5 channels) and order")
+    p.add_argument("--pixel-scale", type=float, default=None, help="input pixel scale, arcsec (overrides the WCS)")
+    p.add_argument("--zeropoint", type=float, default=None,
+                   help="AB zeropoint of the input pixel values (22.5: already nanomaggies)")
+    p.add_argument("--uncalibrated", action="store_true",
+                   help="keep raw pixel values (shards flagged calibrated=false)")
+    p.add_argument("--group-pattern", default=None,
+                   help="regex with (?P<id>...) [and (?P<band>...)] matched in file names to group "
+                        "one-file-per-band inputs into objects")
+    p.add_argument("--stamp", type=int, default=None, help="output stamp size in pixels")
+    p.add_argument("--no-resample", action="store_true",
+                   help="refuse inputs whose pixel scale/stamp differ from the target instead of resampling")
+    p.add_argument("--psf-fwhm", type=float, default=None, help="Gaussian PSF FWHM (arcsec) when inputs have no PSF")
+    p.add_argument("--psf-stamp", type=int, default=25, help="size of modelled/resampled PSFs (default 25)")
+    p.add_argument("--mask-bits", type=int, default=None, help="mask bits that mean 'bad' (default: any non-zero)")
+    p.add_argument("--max-nan-fraction", type=float, default=0.5,
+                   help="refuse bands with more NaN pixels than this fraction (default 0.5)")
+    p.add_argument("--catalog", default=None, help="CSV/FITS/ECSV table of labels to join")
+    p.add_argument("--id-column", default="object_id", help="id column of --catalog (default object_id)")
+    p.add_argument("--images-key", default="images", help="HDF5: dataset of the images (default images)")
+    p.add_argument("--ivar-key", default=None, help="HDF5: dataset of the inverse variance")
+    p.add_argument("--labels-key", default=None, help="HDF5: group of (N,) label datasets or a table dataset")
+    p.add_argument("--ids-key", default=None, help="HDF5: dataset of object ids")
+    p.add_argument("--layout", choices=("auto", "channel-first", "channel-last"), default="auto",
+                   help="HDF5 image axis order (default: detected from --bands)")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad inputs (listed) instead of stopping")
+    p.add_argument("--shard-size", type=int, default=1000, help="objects per shard (default 1000)")
+    p.add_argument("--name", default=None, help="shard file prefix (default: survey name)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing shards of that name in --out")
+    p.set_defaults(func=_cmd_ingest)
+
+
+def _cmd_ingest(args) -> int:
+    from sim2obs.data.ingest import IngestOptions, ingest_fits
+
+    opts = IngestOptions(
+        survey=args.survey, bands=tuple(args.bands) if args.bands else None,
+        pixel_scale=args.pixel_scale, zeropoint=args.zeropoint, uncalibrated=args.uncalibrated,
+        group_pattern=args.group_pattern, stamp=args.stamp, resample=not args.no_resample,
+        psf_fwhm=args.psf_fwhm, psf_stamp=args.psf_stamp, mask_bits=args.mask_bits,
+        max_nan_fraction=args.max_nan_fraction, catalog=args.catalog, id_column=args.id_column,
+        skip_bad=args.skip_bad, shard_size=args.shard_size, name=args.name, overwrite=args.overwrite,
+    )
+    if args.example:
+        from sim2obs.data.examples import make_hdf_example
+
+        paths = make_hdf_example(args.out, opts=opts, log=_log)
+        skipped = []
+    elif not args.inputs:
+        raise _usage("ingest needs input files (or --example hdf)")
+    elif all(str(x).lower().endswith((".h5", ".hdf5")) for x in args.inputs):
+        from sim2obs.data.ingest_hdf5 import HDF5Keys, ingest_hdf5
+
+        if len(args.inputs) != 1:
+            raise _usage("ingest takes one HDF5 file at a time")
+        keys = HDF5Keys(images=args.images_key, ivar=args.ivar_key, labels=args.labels_key,
+                        ids=args.ids_key, layout=args.layout)
+        paths, skipped = ingest_hdf5(args.inputs[0], args.out, opts, keys, log=_log)
+    else:
+        paths, skipped = ingest_fits(args.inputs, args.out, opts, log=_log)
+    for item in skipped:
+        _log(f"skipped {item['input']}: {item['problem']}")
+    _log(f"wrote {len(paths)} shard(s) to {args.out}" + (f"; skipped {len(skipped)} bad input(s)" if skipped else ""))
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="shards -> per-object FITS cutouts (WCS, BUNIT, MAGZERO, labels table)",
+        description="Write one multi-extension FITS file per object; `sim2obs ingest` reads them back.",
+    )
+    p.add_argument("--fits", action="store_true", required=True, help="export to FITS (the only format)")
+    p.add_argument("folder", type=Path, help="shard folder or file")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--layout", choices=("cube", "per-band"), default="cube",
+                   help="cube: image cube + IVAR + PSF HDUs (default); per-band: IMAGE_b/IVAR_b/PSF_b HDUs")
+    p.add_argument("--name", default=None, help="file prefix (default: survey name)")
+    p.add_argument("--allow-uncalibrated", action="store_true",
+                   help="export uncalibrated shards (BUNIT='uncalibrated', no MAGZERO)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from sim2obs.data.export import export_fits
+
+    paths = export_fits(args.folder, args.out, layout=args.layout, name=args.name,
+                        allow_uncalibrated=args.allow_uncalibrated)
+    _log(f"wrote {len(paths)} FITS file(s) to {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 
 class _UsageError(Sim2ObsError, ValueError):
     pass
@@ -355,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(sub)
     _add_embed(sub)
     _add_probe(sub)
+    _add_ingest(sub)
+    _add_export(sub)
     return parser
 
 
