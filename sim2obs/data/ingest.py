@@ -31,7 +31,7 @@ Resampling (when the pixel scale differs from the target survey's, or the stamp 
 image is an ``galsim.InterpolatedImage`` (normalization='flux') recentred on the brightest source
 near the centre and drawn at the target scale (method 'no_pixel' when upsampling, 'auto' -- i.e.
 integrated over the new pixel -- when downsampling), so total flux is conserved. The variance map
-is resampled the same way with a linear interpolant (noise per unit area conserved; the pixel
+is resampled the same way (quintic; a linear interpolant needs huge FFTs) (noise per unit area conserved; the pixel
 correlations this introduces are ignored, so the new ivar is approximate). Pixels fed by masked
 input pixels, or outside the input footprint, get ivar = 0. Same-scale stamps of another size are
 cropped/padded by whole pixels around the brightest source (exact). Everything is recorded.
@@ -551,15 +551,15 @@ def _regrid_band(bd: BandData, scale_out: float, stamp: int, centre, psf_stamp: 
     if np.any(~bad):
         var[bad] = np.median(var[~bad])
     img = resample_flux(bd.image, bd.pixel_scale, scale_out, stamp, centre)
-    var_out = resample_flux(var, bd.pixel_scale, scale_out, stamp, centre, "linear")
-    bad_out = resample_flux(bad.astype(float), bd.pixel_scale, scale_out, stamp, centre, "linear") / area
-    cover = resample_flux(np.ones_like(var), bd.pixel_scale, scale_out, stamp, centre, "linear") / area
+    var_out = resample_flux(var, bd.pixel_scale, scale_out, stamp, centre)
+    bad_out = resample_flux(bad.astype(float), bd.pixel_scale, scale_out, stamp, centre) / area
+    cover = resample_flux(np.ones_like(var), bd.pixel_scale, scale_out, stamp, centre) / area
     ok = (bad_out < 1e-3) & (cover > 0.999) & (var_out > 0)
     bd.ivar = np.where(ok, 1.0 / np.where(ok, var_out, 1.0), 0.0)
     bd.image = np.where(cover > 1e-3, img, 0.0)
     rec = {"kind": "galsim.InterpolatedImage(normalization='flux')", "from_arcsec": bd.pixel_scale,
            "to_arcsec": scale_out, "stamp": stamp, "centre_yx": [int(c) for c in centre],
-           "ivar": "variance resampled linearly (noise per area kept; correlations ignored)"}
+           "ivar": "variance resampled flux-conservingly like the image (noise per area kept; correlations ignored)"}
     if bd.psf is not None:
         p = resample_flux(bd.psf, bd.pixel_scale, scale_out, psf_stamp,
                           ((bd.psf.shape[0] - 1) / 2, (bd.psf.shape[1] - 1) / 2))
