@@ -218,14 +218,30 @@ class PairDataset(torch.utils.data.Dataset):
         ivar = item["ivar"] if item["ivar"] is not None else np.ones_like(item["image"])
         return {"image": torch.from_numpy(item["image"]), "ivar": torch.from_numpy(ivar)}
 
-    def __getitem__(self, i: int):
-        a = self.base.raw(i)
-        j = i
+    def partner(self, i: int) -> int:
+        """Index of the second view's item (``i`` itself when there is no other survey)."""
         if self.partners is not None and self.partners[i].size:
             rng = np.random.default_rng([self.seed, self.epoch, int(i)])
-            j = int(rng.choice(self.partners[i]))
+            return int(rng.choice(self.partners[i]))
+        return int(i)
+
+    def __getitem__(self, i: int):
+        a = self.base.raw(i)
+        j = self.partner(i)
         b = a if j == i else self.base.raw(j)
         return self._pack(a), self._pack(b)
+
+    def __getitems__(self, indices):
+        """Batched fetch (used by the DataLoader): one HDF5 read per shard per view."""
+        idx = [int(i) for i in indices]
+        img_a, ivar_a = self.base.raw_many(idx)
+        partners = [self.partner(i) for i in idx]
+        if partners == idx:
+            img_b, ivar_b = img_a, ivar_a
+        else:
+            img_b, ivar_b = self.base.raw_many(partners)
+        return ({"image": torch.from_numpy(img_a), "ivar": torch.from_numpy(ivar_a)},
+                {"image": torch.from_numpy(img_b), "ivar": torch.from_numpy(ivar_b)})
 
 
 def build_augment(config: PretrainConfig, dataset: ShardDataset):
@@ -279,6 +295,8 @@ def _extinction_coefficients(dataset: ShardDataset):
 
 
 def _collate(batch):
+    if isinstance(batch, tuple):  # already batched by PairDataset.__getitems__
+        return batch
     a = {k: torch.stack([x[0][k] for x in batch]) for k in ("image", "ivar")}
     b = {k: torch.stack([x[1][k] for x in batch]) for k in ("image", "ivar")}
     return a, b
