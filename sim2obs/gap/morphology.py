@@ -53,9 +53,10 @@ _RADII = ("rhalf_ellip", "sersic_rhalf")
 
 
 def is_calibrated(shard: Shard) -> bool:
-    """False when the shard's config says ``calibrated: false`` (flux scale unknown)."""
-    cfg = shard.attrs.config or {}
-    return bool(cfg.get("calibrated", True))
+    """False when the shard's config says ``calibrated: false`` or its flux unit is not
+    nanomaggies (flux scale unknown)."""
+    cfg = shard.attrs.config if isinstance(shard.attrs.config, dict) else {}
+    return bool(cfg.get("calibrated", True)) and shard.attrs.flux_unit == "nanomaggy"
 
 
 def detection_band(bands) -> int:
