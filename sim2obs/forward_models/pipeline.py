@@ -221,10 +221,14 @@ def _render_shards(job: RenderJob, chunks: list[np.ndarray], workers: int, bar) 
 
     methods = mp.get_all_start_methods()
     ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+    # One ordered stream over every galaxy of every shard: workers never wait while the parent
+    # writes a shard; shards are cut from the stream as their galaxies arrive.
+    all_ids = [int(x) for chunk in chunks for x in chunk]
     with ctx.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+        stream = pool.imap(_render_in_worker, all_ids, chunksize=1)
         for i, chunk in enumerate(chunks):
             out = []
-            for r in pool.imap(_render_in_worker, [int(x) for x in chunk], chunksize=2):
-                out.append(r)
+            for _ in range(len(chunk)):
+                out.append(next(stream))
                 bar.update(1)
             yield i, out
