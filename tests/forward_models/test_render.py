@@ -133,16 +133,16 @@ def test_deposit_conserves_flux_and_handles_kernels():
     flux = rng.uniform(0, 1, (n, 2))
     sig = 10 ** rng.uniform(-1.5, 0.7, n)
     grid = deposit(x, y, flux, sig, 100)
-    np.testing.assert_allclose(grid.sum(axis=(1, 2)), flux.sum(axis=0), rtol=1e-10)
+    np.testing.assert_allclose(grid.sum(axis=(1, 2)), flux.sum(axis=0), rtol=1e-6)  # FFT round-off
     # a single particle at a pixel centre with a tiny kernel lands in that pixel
     one = deposit(np.array([10.0]), np.array([20.0]), np.ones((1, 1)), np.array([0.01]), 32)
     assert one[0, 20, 10] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("lo,hi,tol", [(1.0, 4.0, 0.03), (4.0, 10.0, 1e-9)])
+@pytest.mark.parametrize("lo,hi,tol", [(1.0, 4.0, 0.03), (4.0, 10.0, 0.015), (10.0, 60.0, 0.015)])
 def test_deposit_matches_exact_gaussians(lo, hi, tol):
-    """Against a brute-force sum of pixel-integrated Gaussians: binned filtering (kernel widths
-    within +-11 % of their bin's) is within 3 % in L1; wide kernels are painted exactly."""
+    """Against a brute-force sum of pixel-integrated Gaussians: binned Fourier-space smoothing
+    agrees within 3 % in L1 for 1-4 px kernels and 1.5 % for wider ones."""
     from sim2obs.forward_models.render import _paint_gaussians
 
     rng = np.random.default_rng(0)
