@@ -96,6 +96,9 @@ def _add_render(sub) -> None:
                    help="draw each galaxy's redshift uniformly in this range (photo-z labels)")
     p.add_argument("--dust", choices=("none", "calzetti", "charlot_fall"), default="none",
                    help="dust attenuation (default none)")
+    p.add_argument("--ssp", choices=("popstar", "bc03"), default="popstar",
+                   help="SSP library: popstar (Molla et al. 2009, shipped) or bc03 (Bruzual & "
+                        'Charlot 2003, needs pip install "sim2obs[bc03]")')
     p.add_argument("--spectra", action="store_true", help="also store integrated observed spectra")
     p.add_argument("--no-noiseless", action="store_true", help="do not store noiseless images")
     p.add_argument("--min-mstar", type=float, default=1e9, help="minimum stellar mass in Msun (default 1e9)")
@@ -127,7 +130,7 @@ def _cmd_render(args) -> int:
         stamp=args.stamp, psf_stamp=args.psf_stamp, orientation=args.orientation,
         redshift=args.redshift,
         redshift_range=tuple(args.redshift_range) if args.redshift_range else None,
-        psf_fwhm_scale=args.psf_fwhm_scale, dust=Dust(model=args.dust),
+        psf_fwhm_scale=args.psf_fwhm_scale, dust=Dust(model=args.dust), ssp_library=args.ssp,
         store_noiseless=not args.no_noiseless, spectra=args.spectra,
         realism=RealismConfig.from_level(args.realism, args.realism_effects),
     )

