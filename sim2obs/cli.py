@@ -352,13 +352,21 @@ def _add_ingest(sub) -> None:
             "examples: sim2obs ingest cutouts/*.fits --survey hsc --out real/hsc/ ;  "
             "sim2obs ingest 'hsc/*.fits' --group-pattern '(?P<id>\\d+)-HSC-(?P<band>[A-Z])' --survey hsc "
             "--out real/hsc/ ;  sim2obs ingest data.h5 --images-key images --bands g r z --out real/x/ ;  "
-            "sim2obs ingest --example hdf --out real/hdf/"
+            "sim2obs ingest --example hdf --out real/hdf/ ;  "
+            "sim2obs ingest --galsim-catalog real_galaxy_catalog_25.2.fits --galsim-dir COSMOS_25.2_training_sample "
+            "--out real/cosmos/"
         ),
     )
     p.add_argument("inputs", nargs="*", help="FITS files, folders or glob patterns, or one .h5 file")
     p.add_argument("--out", required=True, type=Path, help="output shard folder")
     p.add_argument("--example", choices=("hdf",), default=None,
                    help="built-in real example: 'hdf' = Hubble Deep Field galaxies (scikit-image), uncalibrated")
+    p.add_argument("--galsim-catalog", default=None, metavar="FILE",
+                   help="a galsim.RealGalaxyCatalog file (e.g. real_galaxy_catalog_25.2.fits from "
+                        "galsim_download_cosmos); survey hst-cosmos by default")
+    p.add_argument("--galsim-dir", default=None, metavar="DIR",
+                   help="folder of the --galsim-catalog and its image files (GalSim's dir=)")
+    p.add_argument("--n", type=int, default=None, help="--galsim-catalog: ingest only the first N objects")
     p.add_argument("--survey", default=None, help="target survey (pixel scale, band names, PSF model)")
     p.add_argument("--bands", nargs="+", default=None, help="band names (cube planes / HDF5 channels) and order")
     p.add_argument("--pixel-scale", type=float, default=None, help="input pixel scale, arcsec (overrides the WCS)")
@@ -403,7 +411,16 @@ def _cmd_ingest(args) -> int:
         max_nan_fraction=args.max_nan_fraction, catalog=args.catalog, id_column=args.id_column,
         skip_bad=args.skip_bad, shard_size=args.shard_size, name=args.name, overwrite=args.overwrite,
     )
-    if args.example:
+    if args.galsim_catalog:
+        from sim2obs.data.ingest_galsim import ingest_galsim_catalog
+
+        if args.inputs or args.example:
+            raise _usage("--galsim-catalog takes no input files and no --example")
+        if args.n is not None and args.n < 1:
+            raise _usage("--n must be >= 1")
+        paths, skipped = ingest_galsim_catalog(args.galsim_catalog, args.out, opts,
+                                               image_dir=args.galsim_dir, n=args.n, log=_log)
+    elif args.example:
         from sim2obs.data.examples import make_hdf_example
 
         paths = make_hdf_example(args.out, opts=opts, log=_log)
