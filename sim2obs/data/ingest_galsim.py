@@ -64,8 +64,9 @@ DEFAULT_BAND = "F814W"
 DEFAULT_STAMP = 64
 REQUIRED_COLUMNS = ("ident", "gal_filename", "PSF_filename", "gal_hdu", "PSF_hdu", "pixel_scale",
                     "noise_variance")
-_HINT = ("download the COSMOS training sample with `galsim_download_cosmos -s 25.2` (or -s 23.5) "
-         "and pass the catalogue and its folder (--galsim-dir)")
+_HINT = ("download the COSMOS training sample with `galsim_download_cosmos -s 25.2` (or -s 23.5; "
+         "it unpacks into GalSim's share folder unless given -d DIR) and pass the catalogue and its "
+         "folder (--galsim-dir)")
 
 
 def catalog_zeropoint(band: str, zeropoint: float | None = None) -> tuple[float, dict]:
@@ -99,6 +100,14 @@ def open_catalog(file_name, image_dir=None):
     import galsim
 
     full, folder = _catalog_path(file_name, image_dir)
+    if image_dir is None and not full.is_file() and not Path(file_name).parent.parts:
+        # where galsim_download_cosmos puts it by default: <galsim share>/COSMOS_<sample>_training_sample
+        from galsim import meta_data
+
+        sample = "25.2" if "25.2" in str(file_name) else "23.5" if "23.5" in str(file_name) else None
+        shared = Path(meta_data.share_dir) / f"COSMOS_{sample}_training_sample"
+        if sample and (shared / str(file_name)).is_file():
+            image_dir, full, folder = shared, shared / str(file_name), shared
     if image_dir is not None and not folder.is_dir():
         raise Sim2ObsFileNotFoundError(f"GalSim catalogue folder '{folder}' does not exist; {_HINT}")
     if not full.is_file():
@@ -176,8 +185,8 @@ def _read_object(cat, i: int, scale_out: float, stamp: int, psf_stamp: int, opts
                                  f"--max-nan-fraction {opts.max_nan_fraction})")
     img[bad] = 0.0
     out, cover, regrid = _to_stamp(img, scale_in, scale_out, stamp)
-    badmap, _, _ = _to_stamp(bad.astype(np.float64), scale_in, scale_out, stamp)
     area = (scale_out / scale_in) ** 2
+    badmap = _to_stamp(bad.astype(np.float64), scale_in, scale_out, stamp)[0] if n_nan else 0.0
     var_out = var * area  # noise variance per output pixel (uncorrelated approximation)
     ok = (cover > 0.999) & (badmap / area < 1e-3)
     ivar = np.where(ok, 1.0 / (var_out * mult**2), 0.0)
@@ -198,7 +207,7 @@ def _read_object(cat, i: int, scale_out: float, stamp: int, psf_stamp: int, opts
                     + (" x pixel-area ratio" if area != 1 else "") + ", constant; "
                     + ("noise correlations (noise_file) ignored" if noise_im is not None
                        else "uncorrelated noise"),
-            "calibration": dict(cal, band=band, multiplier=mult), "n_nan": n_nan,
+            "calibration": dict(cal, band=band, multiplier=mult), "n_nan_native": n_nan,
             "regrid": regrid, "psf": dict(p_rec, source="catalogue PSF image"),
             "_scale": mult}
     bd = BandData(image=out, pixel_scale=scale_out, where=where, ivar=ivar, psf=p_out, prov=prov)

@@ -167,3 +167,14 @@ def test_not_a_real_galaxy_catalog(tmp_path):
     (tmp_path / "trunc.fits").write_bytes(b"SIMPLE  =                    T" + b" " * 100)
     with pytest.raises(IngestError, match="trunc.fits"):
         ingest_galsim_catalog(tmp_path / "trunc.fits", tmp_path / "o", IngestOptions())
+
+
+def test_nan_pixels_get_zero_ivar(tmp_path):
+    cat = _make_catalog(tmp_path / "c")
+    with fits.open(tmp_path / "c" / "gals.fits", mode="update") as h:
+        h[0].data[24, 20:23] = np.nan                     # native (24, 20..22) -> stamp (16, 12..14)
+    ingest_galsim_catalog(cat, tmp_path / "o", IngestOptions(stamp=STAMP))
+    s = read_folder(tmp_path / "o")
+    assert np.all(s.ivar[0, 0, 16, 12:15] == 0) and np.all(s.images[0, 0, 16, 12:15] == 0)
+    assert s.ivar[0, 0, 16, 15] > 0
+    assert s.attrs.config["objects"][0]["bands"]["F814W"]["n_nan_native"] == 3
