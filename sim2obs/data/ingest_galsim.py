@@ -20,8 +20,9 @@ rates as for COSMOS; its F814W entry is 25.94333, 0.3 % from 25.94); ``--zeropoi
 
 ivar: 1 / (noise_variance x multiplier^2), constant over the stamp (the COSMOS noise is
 correlated -- GalSim gives a noise correlation image via ``noise_filename`` -- but only the
-variance enters the ivar; recorded). Pixels padded outside the native stamp get ivar = 0; NaN
-pixels get image 0 and ivar 0.
+variance enters the ivar; recorded). Pixels padded outside the native stamp, and after an
+interpolation those whose interpolant reaches past the native edge, get ivar = 0; NaN pixels get
+image 0 and ivar 0.
 
 Geometry. GalSim treats the galaxy as centred on the image's true centre ((n - 1) / 2, 0-based),
 the same convention as the mocks. Each image is cut/padded to ``--stamp`` (default 64) keeping
@@ -188,7 +189,7 @@ def _read_object(cat, i: int, scale_out: float, stamp: int, psf_stamp: int, opts
     area = (scale_out / scale_in) ** 2
     badmap = _to_stamp(bad.astype(np.float64), scale_in, scale_out, stamp)[0] if n_nan else 0.0
     var_out = var * area  # noise variance per output pixel (uncorrelated approximation)
-    ok = (cover > 0.999) & (badmap / area < 1e-3)
+    ok = (np.abs(cover - 1.0) < 1e-3) & (badmap / area < 1e-3)  # interpolant ringing at edges -> 0
     ivar = np.where(ok, 1.0 / (var_out * mult**2), 0.0)
     p = psf.array.astype(np.float64)
     p_total = float(p.sum())

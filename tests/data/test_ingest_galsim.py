@@ -178,3 +178,20 @@ def test_nan_pixels_get_zero_ivar(tmp_path):
     assert np.all(s.ivar[0, 0, 16, 12:15] == 0) and np.all(s.images[0, 0, 16, 12:15] == 0)
     assert s.ivar[0, 0, 16, 15] > 0
     assert s.attrs.config["objects"][0]["bands"]["F814W"]["n_nan_native"] == 3
+
+
+def test_odd_native_size_half_pixel_shift(tmp_path):
+    # 41/39/21-pixel natives into a 32-pixel stamp: the true centre moves by half a pixel
+    # (interpolated), flux conserved, centroid on the stamp's true centre (15.5)
+    cat = _make_catalog(tmp_path / "c", sizes=(41, 39, 21))
+    ingest_galsim_catalog(cat, tmp_path / "o", IngestOptions(stamp=STAMP))
+    s = read_folder(tmp_path / "o")
+    yy, xx = np.mgrid[0:STAMP, 0:STAMP]
+    for k, f in enumerate(FLUXES):
+        im = s.images[k, 0].astype(np.float64)
+        assert im.sum() == pytest.approx(f * MULT, rel=1e-5)
+        assert (im * xx).sum() / im.sum() == pytest.approx(15.5, abs=1e-4)
+        assert (im * yy).sum() / im.sum() == pytest.approx(15.5, abs=1e-4)
+    row = s.ivar[2, 0, 15] > 0                             # padded 21 -> 32: symmetric footprint,
+    assert row.sum() < 21 and np.array_equal(row, row[::-1])  # edges touched by padding get ivar 0
+    assert "half-pixel" in s.attrs.config["objects"][0]["bands"]["F814W"]["regrid"]["kind"]
