@@ -14,13 +14,12 @@ written atomically: a temporary file in the target folder is renamed into place.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from sim2obs._atomic import atomic_output
 from sim2obs.data.shards import Shard
 from sim2obs.errors import Sim2ObsKeyError, Sim2ObsValueError
 
@@ -249,14 +248,6 @@ def image_grid(shard: Shard, out_png, n: int = 16, rgb_bands: Sequence[str] | No
         raise Sim2ObsValueError(f"out_png must end in .png, got '{out}'")
     fig = image_grid_figure(shard, n=n, rgb_bands=rgb_bands, label_keys=label_keys,
                             per_band=per_band, title=title, stretch=stretch, q=q)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_output(out) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return out

@@ -21,28 +21,18 @@ gives the same bytes.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from sim2obs._atomic import atomic_output
 from sim2obs.errors import Sim2ObsDataError, Sim2ObsFileNotFoundError
 
 SHARD_PATTERN = re.compile(r"^(?P<name>.+)-(?P<index>\d{5})\.h5$")
 FLUX_UNIT = "nanomaggy"
 _DOMAINS = ("sim", "real")
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()  # read once at import: os.umask can only be read by setting it
 
 
 def shard_filename(name: str, index: int) -> str:
@@ -171,11 +161,7 @@ def write_shard(path: str | Path, shard: Shard) -> Path:
     import h5py
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; shards are shared data
+    with atomic_output(path) as tmp:
         with h5py.File(tmp, "w", track_order=True) as f:
             opts = dict(track_times=False)
             f.create_dataset("images", data=np.asarray(shard.images, dtype=np.float32), **opts)
@@ -204,11 +190,6 @@ def write_shard(path: str | Path, shard: Shard) -> Path:
             f.attrs["config"] = json.dumps(a.config, sort_keys=True)
             f.attrs["sim2obs_version"] = a.sim2obs_version
             f.attrs["n_objects"] = len(shard)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from sim2obs._atomic import atomic_output
 from sim2obs.data.shards import Shard, read_folder
 from sim2obs.errors import Sim2ObsDataError
 
@@ -160,16 +159,8 @@ def embed_shard(run_dir, shard: Shard, device: str = "cpu") -> np.ndarray:
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
@@ -347,10 +338,8 @@ def _jsonable(obj):
 
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
 
 
 def _write_json(path: Path, obj) -> None:

@@ -13,14 +13,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sim2obs._atomic import atomic_output
 from sim2obs.data.dataset import Normalizer, ShardDataset
 from sim2obs.errors import Sim2ObsDataError, Sim2ObsValueError
 
@@ -87,25 +86,16 @@ def embed_folder(run_dir: str | Path, folders, out_file: str | Path, device: str
         domain = str(f.attrs.get("domain", "sim"))
         units = {k: str(f["labels"][k].attrs.get("unit", "")) for k in labels if k in f["labels"]}
     out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_file.name}.", suffix=".tmp", dir=out_file.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("embeddings", data=emb, track_times=False)
-            g = f.create_group("labels")
-            for k, v in labels.items():
-                d = g.create_dataset(k, data=v, track_times=False)
-                d.attrs["unit"] = units.get(k, "")
-            f.attrs["model"] = f"{Path(run_dir).resolve()}@{checkpoint_hash(run_dir)}"
-            f.attrs["domain"] = domain
-            f.attrs["survey"] = ",".join(sorted(set(ds.surveys)))
-            f.attrs["bands"] = list(ds.bands)
-        os.replace(tmp, out_file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(out_file) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("embeddings", data=emb, track_times=False)
+        g = f.create_group("labels")
+        for k, v in labels.items():
+            d = g.create_dataset(k, data=v, track_times=False)
+            d.attrs["unit"] = units.get(k, "")
+        f.attrs["model"] = f"{Path(run_dir).resolve()}@{checkpoint_hash(run_dir)}"
+        f.attrs["domain"] = domain
+        f.attrs["survey"] = ",".join(sorted(set(ds.surveys)))
+        f.attrs["bands"] = list(ds.bands)
     ds.close()
     return out_file
 

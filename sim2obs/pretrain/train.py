@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sim2obs._atomic import atomic_output
 from sim2obs.data.dataset import Normalizer, ShardDataset
 from sim2obs.errors import Sim2ObsDataError, Sim2ObsFileNotFoundError, Sim2ObsValueError
 
@@ -308,9 +309,8 @@ def _collate(batch):
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Atomic ``torch.save``: temporary file in the same folder, then rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(run_dir: str | Path) -> dict:

@@ -11,6 +11,7 @@ formation times stored as scale factors), periodic-box unwrapping, and a shrinki
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from abc import ABC, abstractmethod
@@ -20,7 +21,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from sim2obs.errors import Sim2ObsDataError, Sim2ObsValueError
+from sim2obs.errors import Sim2ObsDataError, Sim2ObsError, Sim2ObsValueError
 from sim2obs.forward_models.galaxy import Galaxy
 
 
@@ -83,6 +84,20 @@ class Selection:
 
 #: The default selection (frozen, so safe to share as a default argument).
 DEFAULT_SELECTION = Selection()
+
+
+@contextlib.contextmanager
+def reading(what: str, path, fix: str = ""):
+    """Turn any non-sim2obs exception raised while reading ``path`` (h5py/OSError on truncated
+    files, KeyError, illustris_python's bare Exception, numpy) into a Sim2ObsDataError that
+    names the file, what was being read and the fix."""
+    try:
+        yield
+    except Sim2ObsError:
+        raise
+    except Exception as exc:
+        hint = f"; {fix}" if fix else ""
+        raise Sim2ObsDataError(f"{path}: could not {what} ({type(exc).__name__}: {exc}){hint}") from exc
 
 
 class InsufficientParticlesError(Sim2ObsDataError):

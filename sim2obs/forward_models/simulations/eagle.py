@@ -44,7 +44,6 @@ import numpy as np
 
 from sim2obs.errors import (
     Sim2ObsDataError,
-    Sim2ObsError,
     Sim2ObsFileNotFoundError,
     Sim2ObsKeyError,
     Sim2ObsValueError,
@@ -56,6 +55,7 @@ from sim2obs.forward_models.simulations.base import (
     Selection,
     cosmic_time_gyr,
     periodic_offset,
+    reading,
     redshift_time_gyr,
 )
 
@@ -83,6 +83,12 @@ _CITE = "(The EAGLE team 2017, arXiv:1706.09899, sec. 2)"
 _DEFAULT_SELECTION = Selection()
 
 
+
+def _reading(what, path, fix="re-download the file"):
+    """EAGLE reads default to suggesting a re-download."""
+    return reading(what, path, fix)
+
+
 def eagle_object_id(group_number, subgroup_number) -> np.ndarray:
     """Composite int64 id ``GroupNumber * 10**9 + SubGroupNumber`` (arrays or scalars)."""
     gn = np.asarray(group_number, dtype=np.int64)
@@ -99,19 +105,6 @@ def split_eagle_object_id(object_id) -> tuple[np.ndarray, np.ndarray]:
     """Inverse of :func:`eagle_object_id`: ``(GroupNumber, SubGroupNumber)``."""
     oid = np.asarray(object_id, dtype=np.int64)
     return oid // EAGLE_ID_FACTOR, oid % EAGLE_ID_FACTOR
-
-
-@contextlib.contextmanager
-def _reading(what: str, path, fix: str = "re-download the file"):
-    """Re-raise anything but sim2obs errors while reading ``path`` as a Sim2ObsDataError."""
-    try:
-        yield
-    except Sim2ObsError:
-        raise
-    except Exception as exc:  # h5py/OSError on truncated files, KeyError, numpy
-        raise Sim2ObsDataError(
-            f"{path}: could not {what} ({type(exc).__name__}: {exc}); {fix}"
-        ) from exc
 
 
 def _scalar(value) -> float:

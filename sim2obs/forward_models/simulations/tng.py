@@ -34,7 +34,6 @@ import numpy as np
 
 from sim2obs.errors import (
     Sim2ObsDataError,
-    Sim2ObsError,
     Sim2ObsFileNotFoundError,
     Sim2ObsKeyError,
     Sim2ObsValueError,
@@ -47,6 +46,7 @@ from sim2obs.forward_models.simulations.base import (
     Selection,
     cosmic_time_gyr,
     periodic_offset,
+    reading,
     redshift_time_gyr,
     shrinking_sphere_centre,
 )
@@ -70,20 +70,6 @@ REQUIRED_SUBHALO_FIELDS = ("SubhaloLenType", "SubhaloMassType", "SubhaloPos", "S
 MINI_MARKER = "mini_universe.json"
 
 _STARS = 4  # PartType4
-
-
-@contextlib.contextmanager
-def _reading(what: str, path, fix: str = ""):
-    """Turn any non-sim2obs exception raised while reading ``path`` into a Sim2ObsDataError."""
-    try:
-        yield
-    except Sim2ObsError:
-        raise
-    except Exception as exc:  # h5py, illustris_python (bare Exception), numpy
-        hint = f"; {fix}" if fix else ""
-        raise Sim2ObsDataError(
-            f"{path}: could not {what} ({type(exc).__name__}: {exc}){hint}"
-        ) from exc
 
 
 def _illustris():
@@ -260,7 +246,7 @@ class TNGSource(GalaxySource):
                 f"group catalogue file '{gc0}' is missing; download the groups_{snapshot:03d} "
                 "chunks of this snapshot"
             )
-        with _reading("read the group catalogue header", gc0, "re-download the file"):
+        with reading("read the group catalogue header", gc0, "re-download the file"):
             header = il.groupcat.loadHeader(base, snapshot)
         n_key = "Nsubgroups_Total" if "Nsubgroups_Total" in header else "Nsubhalos_Total"
         for key in (n_key, "NumFiles"):
@@ -280,7 +266,7 @@ class TNGSource(GalaxySource):
                 "subhalo's particles. Download postprocessing/offsets/offsets_"
                 f"{snapshot:03d}.hdf5 of this run into the folder next to '{output.name}/'"
             )
-        with _reading("read the offsets", offsets, "re-download the offsets file"), \
+        with reading("read the offsets", offsets, "re-download the offsets file"), \
                 h5py.File(offsets, "r") as f:
             for key in ("FileOffsets/Subhalo", "FileOffsets/SnapByType", "Subhalo/SnapByType"):
                 if key not in f:
@@ -295,7 +281,7 @@ class TNGSource(GalaxySource):
                 f"snapshot file '{snap0}' is missing; download snapdir_{snapshot:03d} (or use "
                 "tng-cutout: with API cutouts instead of full snapshots)"
             )
-        with _reading("read the snapshot header", snap0, "re-download the file"), \
+        with reading("read the snapshot header", snap0, "re-download the file"), \
                 h5py.File(snap0, "r") as f:
             if "Header" not in f:
                 raise Sim2ObsDataError(f"{snap0}: no 'Header' group; not a TNG snapshot file")
@@ -328,7 +314,7 @@ class TNGSource(GalaxySource):
             )
         for i in range(num_files):
             path = il.groupcat.gcPath(base, snap, i)
-            with _reading("read the group catalogue", path, "re-download the file"), \
+            with reading("read the group catalogue", path, "re-download the file"), \
                     h5py.File(path, "r") as f:
                 if "Subhalo" not in f or len(f["Subhalo"].keys()) == 0:
                     if i + 1 < num_files:
@@ -357,7 +343,7 @@ class TNGSource(GalaxySource):
                     f"snapshot chunk '{path}' is missing ({n_files} chunks expected); download "
                     f"all of snapdir_{snap:03d}"
                 )
-            with _reading("read the snapshot", path, "re-download the file"), \
+            with reading("read the snapshot", path, "re-download the file"), \
                     h5py.File(path, "r") as f:
                 if "PartType4" not in f:
                     continue
@@ -384,7 +370,7 @@ class TNGSource(GalaxySource):
             if getattr(self, "_has_flag", False):
                 fields.append("SubhaloFlag")
             path = il.groupcat.gcPath(self.base_path, self.snapshot, 0)
-            with _reading("load the Subhalo catalogue", path, "re-download the group catalogue"):
+            with reading("load the Subhalo catalogue", path, "re-download the group catalogue"):
                 cat = il.groupcat.loadSubhalos(self.base_path, self.snapshot, fields=fields)
             mstar = np.asarray(cat["SubhaloMassType"], dtype=np.float64)[:, _STARS]
             mstar = mstar * TNG_MASS_UNIT / self.hubble
@@ -400,13 +386,13 @@ class TNGSource(GalaxySource):
     def _subhalo_row(self, object_id: int, fields) -> dict:
         il = _illustris()
         offsets = il.groupcat.offsetPath(self.base_path, self.snapshot)
-        with _reading("read the offsets", offsets, "re-download the offsets file"), \
+        with reading("read the offsets", offsets, "re-download the offsets file"), \
                 h5py.File(offsets, "r") as f:
             file_offsets = f["FileOffsets/Subhalo"][()]
         chunk = int(np.max(np.flatnonzero(object_id - file_offsets >= 0)))
         local = int(object_id - file_offsets[chunk])
         path = il.groupcat.gcPath(self.base_path, self.snapshot, chunk)
-        with _reading(f"read subhalo {object_id}", path, "re-download the file"), \
+        with reading(f"read subhalo {object_id}", path, "re-download the file"), \
                 h5py.File(path, "r") as f:
             return {k: f["Subhalo"][k][local] for k in fields}
 
@@ -430,7 +416,7 @@ class TNGSource(GalaxySource):
             )
         row = self._subhalo_row(object_id, ("SubhaloPos", "SubhaloSFR"))
         snapdir = os.path.dirname(il.snapshot.snapPath(self.base_path, self.snapshot, 0))
-        with _reading(f"find the particles of subhalo {object_id}",
+        with reading(f"find the particles of subhalo {object_id}",
                       il.groupcat.offsetPath(self.base_path, self.snapshot),
                       "re-download the offsets file"):
             subset = il.snapshot.getSnapOffsets(self.base_path, self.snapshot, object_id, "Subhalo")
@@ -441,7 +427,7 @@ class TNGSource(GalaxySource):
                 f"{source}: the subhalo has no star particles; select galaxies with "
                 "Selection(min_particles >= 1)"
             )
-        with _reading(f"read the star particles of subhalo {object_id}", files or snapdir,
+        with reading(f"read the star particles of subhalo {object_id}", files or snapdir,
                       "re-download the snapshot chunk(s)"):
             data = il.snapshot.loadSubset(self.base_path, self.snapshot, "stars",
                                           list(self._star_fields), subset=subset)
@@ -540,7 +526,7 @@ class TNGCutoutSource(GalaxySource):
 
     @staticmethod
     def _inspect(file: Path, index: int):
-        with _reading("read the cutout", file, "re-download it from the TNG API"), \
+        with reading("read the cutout", file, "re-download it from the TNG API"), \
                 h5py.File(file, "r") as f:
             if "Header" not in f:
                 raise Sim2ObsDataError(
@@ -584,7 +570,7 @@ class TNGCutoutSource(GalaxySource):
                 f"(ids: {sorted(self._files)[:10]}{' ...' if len(self._files) > 10 else ''})"
             )
         file = self._files[object_id]
-        with _reading("read the cutout", file, "re-download it from the TNG API"), \
+        with reading("read the cutout", file, "re-download it from the TNG API"), \
                 h5py.File(file, "r") as f:
             group = f["PartType4"]
             fields = [*REQUIRED_STAR_FIELDS, *(k for k in OPTIONAL_STAR_FIELDS if k in group)]
