@@ -106,8 +106,15 @@ def sinkhorn_divergence(x, y, blur: float = 0.5, scaling: float = 0.9, p: int = 
     x, y = _check_pair(x, y, 1)
     loss = SamplesLoss("sinkhorn", p=p, blur=blur, scaling=scaling, debias=True,
                        backend="tensorized")
-    with torch.no_grad():
-        val = loss(torch.from_numpy(x), torch.from_numpy(y))
+    # The many tiny kernels of geomloss's Sinkhorn loop are dominated by thread start-up when
+    # torch runs multi-threaded on a busy machine (~100x slower on 2 shared cores): one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            val = loss(torch.from_numpy(x), torch.from_numpy(y))
+    finally:
+        torch.set_num_threads(threads)
     return float(val)
 
 
