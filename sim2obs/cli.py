@@ -532,6 +532,9 @@ def _add_similar(sub) -> None:
     p.add_argument("--query", required=True, type=int, help="object_id of the query galaxy")
     p.add_argument("-k", type=int, default=16, help="number of neighbours incl. the query (16)")
     p.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine")
+    p.add_argument("--backend", choices=("auto", "exact", "faiss"), default="auto",
+                   help="kNN search: exact (scipy cKDTree), faiss (pip install \"sim2obs[faiss]\"), "
+                        "auto = faiss above 1e5 objects when installed")
     p.add_argument("--shards", nargs="+", type=Path, default=None,
                    help="shard folder(s) holding the images, for --out")
     p.add_argument("--out", type=Path, default=None, help="PNG grid of the neighbours (needs --shards)")
@@ -543,7 +546,8 @@ def _cmd_similar(args) -> int:
 
     if args.out is not None and not args.shards:
         raise _usage("--out needs --shards (the folders holding the images)")
-    rows = similar(args.embeddings, args.query, k=args.k, metric=args.metric)
+    rows = similar(args.embeddings, args.query, k=args.k, metric=args.metric,
+                   backend=args.backend)
     print("rank,object_id,distance,file")
     for i, r in enumerate(rows):
         print(f"{i},{r['object_id']},{r['distance']:.6g},{r['file']}")
@@ -569,6 +573,9 @@ def _add_anomalies(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="ranked CSV")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine")
+    p.add_argument("--backend", choices=("auto", "exact", "faiss"), default="auto",
+                   help="kNN search: exact (scipy cKDTree), faiss (pip install \"sim2obs[faiss]\"), "
+                        "auto = faiss above 1e5 objects when installed")
     p.add_argument("--shards", nargs="+", type=Path, default=None, help="shard folder(s) of the ranked set")
     p.add_argument("--grid", type=Path, default=None, help="PNG of the top-ranked (needs --shards)")
     p.add_argument("--top", type=int, default=16, help="galaxies in --grid (16)")
@@ -582,7 +589,7 @@ def _cmd_anomalies(args) -> int:
         raise _usage("--grid needs --shards (the folders holding the images)")
     e, ids, _, _ = load_many([args.embeddings])
     ref, _, _, _ = load_many([args.reference])
-    res = anomalies(e, ref, k=args.k, metric=args.metric)
+    res = anomalies(e, ref, k=args.k, metric=args.metric, backend=args.backend)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         f.write("rank,object_id,knn_distance,score\n")

@@ -1,4 +1,5 @@
-"""Similarity search and anomaly ranking over embeddings files (exact kNN, scipy cKDTree).
+"""Similarity search and anomaly ranking over embeddings files (exact kNN: scipy cKDTree, or a
+flat faiss index from the optional ``faiss`` extra for large sets).
 
 * :func:`similar` - the k nearest neighbours of one object among one or more embeddings files
   (sim and real together: which simulated galaxies look like this real one?).
@@ -53,15 +54,50 @@ def load_many(files) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
     return np.concatenate(embs), np.concatenate(ids), np.concatenate(which), attrs
 
 
+#: Above this many reference objects, ``backend='auto'`` uses faiss when it is installed.
+FAISS_AUTO_MIN = 100_000
+KNN_BACKENDS = ("auto", "exact", "faiss")
+
+
+def knn(reference: np.ndarray, queries: np.ndarray, k: int, backend: str = "auto"):
+    """Exact k nearest neighbours (Euclidean): ``(distances (Q, k), indices (Q, k))``.
+
+    ``exact``: scipy ``cKDTree`` (fine up to ~1e5 objects on a CPU); ``faiss``: a flat (exact)
+    faiss index (Johnson, Douze & Jégou 2019, IEEE TBD 7, 535), much faster for large sets, from
+    the optional extra ``pip install "sim2obs[faiss]"``; ``auto``: faiss above
+    :data:`FAISS_AUTO_MIN` reference objects when installed, else exact.
+    """
+    if backend not in KNN_BACKENDS:
+        raise Sim2ObsValueError(f"unknown kNN backend '{backend}'; use one of {list(KNN_BACKENDS)}")
+    ref = np.ascontiguousarray(reference, dtype=np.float32)
+    q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    k = int(min(k, len(ref)))
+    use_faiss = backend == "faiss"
+    if backend == "auto" and len(ref) >= FAISS_AUTO_MIN:
+        import importlib.util
+
+        use_faiss = importlib.util.find_spec("faiss") is not None
+    if use_faiss:
+        from sim2obs.errors import require
+
+        faiss = require("faiss", extra="faiss", package="faiss-cpu")
+        index = faiss.IndexFlatL2(ref.shape[1])
+        index.add(ref)
+        d2, idx = index.search(q, k)
+        return np.sqrt(np.clip(d2, 0, None)).astype(np.float64), idx.astype(np.int64)
+    from scipy.spatial import cKDTree
+
+    d, idx = cKDTree(ref).query(q, k=k)
+    return np.asarray(d, dtype=np.float64).reshape(len(q), k), np.asarray(idx).reshape(len(q), k)
+
+
 def similar(files, query_id: int, k: int = 16, metric: str = "cosine",
-            query_file: int | None = None) -> list[dict]:
+            query_file: int | None = None, backend: str = "auto") -> list[dict]:
     """The ``k`` nearest neighbours of object ``query_id`` (itself first, distance 0).
 
     ``files``: embeddings files; the query is the first object with that id (in the file of
     index ``query_file`` when given). Returns rows ``{"object_id", "file", "distance"}``.
     """
-    from scipy.spatial import cKDTree
-
     files = [Path(f) for f in ([files] if isinstance(files, str | Path) else files)]
     e, ids, which, _ = load_many(files)
     hit = ids == int(query_id)
@@ -72,14 +108,14 @@ def similar(files, query_id: int, k: int = 16, metric: str = "cosine",
     z = _prepare(e, metric)
     q = int(np.flatnonzero(hit)[0])
     k = min(int(k), len(z))
-    d, idx = cKDTree(z).query(z[q], k=k)
-    d, idx = np.atleast_1d(d), np.atleast_1d(idx)
+    d, idx = knn(z, z[q], k, backend)
+    d, idx = d[0], idx[0]
     return [{"object_id": int(ids[i]), "file": str(files[which[i]]), "distance": float(di)}
             for di, i in zip(d, idx, strict=True)]
 
 
-def anomalies(target: np.ndarray, reference: np.ndarray, k: int = 5, metric: str = "cosine"
-              ) -> dict[str, np.ndarray]:
+def anomalies(target: np.ndarray, reference: np.ndarray, k: int = 5, metric: str = "cosine",
+              backend: str = "auto") -> dict[str, np.ndarray]:
     """Anomaly score of every ``target`` object (N, D) against ``reference`` (M, D).
 
     ``knn_distance`` = mean distance to the k nearest reference objects; ``score`` = that over
@@ -87,20 +123,17 @@ def anomalies(target: np.ndarray, reference: np.ndarray, k: int = 5, metric: str
     so ~1 = as close to the reference as its own members are, >> 1 = no counterpart.
     Returns ``{"knn_distance", "score", "order"}`` (order: indices by decreasing score).
     """
-    from scipy.spatial import cKDTree
-
     t, r = _prepare(target, metric), _prepare(reference, metric)
     if t.shape[1] != r.shape[1]:
         raise Sim2ObsValueError(f"embedding sizes differ: {t.shape[1]} vs {r.shape[1]}")
     if len(r) < k + 1:
         raise Sim2ObsValueError(f"the reference set has {len(r)} objects; need more than k={k}")
-    tree = cKDTree(r)
-    d, _ = tree.query(t, k=k)
-    knn = np.asarray(d).reshape(len(t), k).mean(1)
-    dr, _ = tree.query(r, k=k + 1)
+    d, _ = knn(r, t, k, backend)
+    dist = d.mean(1)
+    dr, _ = knn(r, r, k + 1, backend)
     scale = float(np.median(dr[:, 1:].mean(1)))
-    score = knn / scale if scale > 0 else knn
-    return {"knn_distance": knn, "score": score, "order": np.argsort(-score, kind="stable")}
+    score = dist / scale if scale > 0 else dist
+    return {"knn_distance": dist, "score": score, "order": np.argsort(-score, kind="stable")}
 
 
 def shards_by_id(folders, ids, bands=None):
