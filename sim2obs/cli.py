@@ -201,10 +201,10 @@ def _add_pretrain(sub) -> None:
         ),
     )
     p.add_argument("folders", nargs="+", type=Path, help="shard folders (one survey setting each)")
-    p.add_argument("--out", required=True, type=Path, help="run folder")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint (same result as an "
-                        "uninterrupted run)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (new run)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN",
+                   help="continue a run from its last checkpoint (same result as an uninterrupted "
+                        "run): --resume RUN, or --resume with --out RUN")
     p.add_argument("--method", choices=("simclr", "vicreg"), default="simclr")
     p.add_argument("--encoder", choices=("resnet", "vit"), default="resnet")
     p.add_argument("--epochs", type=int, default=50)
@@ -246,7 +246,13 @@ def _cmd_pretrain(args) -> int:
         precision=args.precision, channels_last=not args.no_channels_last, compile=args.compile,
         num_workers=args.num_workers, seed=args.seed, norm=args.norm,
     )
-    run = pretrain(args.folders, args.out, config, device=args.device, resume=args.resume,
+    if isinstance(args.resume, str):
+        if args.out is not None and Path(args.resume) != args.out:
+            raise _usage(f"--resume {args.resume} and --out {args.out} name different runs")
+        args.out = Path(args.resume)
+    if args.out is None:
+        raise _usage("give the run folder with --out RUN (or --resume RUN to continue one)")
+    run = pretrain(args.folders, args.out, config, device=args.device, resume=bool(args.resume),
                    progress=not args.quiet, log=_log)
     _log(f"run saved in {run} (checkpoint.pt, config.json, metrics.csv)")
     return 0

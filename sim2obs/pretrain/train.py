@@ -400,8 +400,10 @@ def pretrain(
     if resume:
         ckpt = load_checkpoint(out)
         saved = PretrainConfig.from_dict(ckpt["config"])
-        if saved != config:
-            config = saved  # the run's own config wins; CLI only points at the run
+        if saved != config and log and dist_info.main:
+            log("resuming with the run's saved configuration (config.json); other options given "
+                "now are ignored")
+        config = saved  # the run's own config wins: resuming must reproduce the same run
     elif (out / CHECKPOINT).exists():
         raise Sim2ObsValueError(
             f"'{out}' already holds a run; use --resume to continue it or choose another --out"
