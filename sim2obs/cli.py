@@ -105,6 +105,11 @@ def _add_render(sub) -> None:
     p.add_argument("--min-particles", type=int, default=100, help="minimum star particles (default 100)")
     p.add_argument("--shard-size", type=int, default=1000, help="galaxies per shard file (default 1000)")
     p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    p.add_argument("--dask", metavar="local:N|ADDRESS", default=None,
+                   help="render with Dask, one task per shard: local:N starts a LocalCluster of N "
+                        "worker processes; tcp://host:8786 uses a running scheduler (workers must "
+                        'see --out and the simulation files). Needs pip install "sim2obs[dask]"; '
+                        "same bytes as --workers for the same seed")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_render)
@@ -147,7 +152,8 @@ def _cmd_render(args) -> int:
         ids = ids[: args.n]
     job = RenderJob(source=source, survey=survey, config=config, seed=args.seed)
     paths = render_to_shards(job, ids, args.out, name=args.name, shard_size=args.shard_size,
-                             workers=args.workers, progress=not args.quiet, log=_log)
+                             workers=args.workers, progress=not args.quiet, log=_log,
+                             dask=args.dask)
     _log(f"{ids.size} galaxies of '{source.name}' as seen by {survey.title} "
          f"({', '.join(survey.band_names)}) -> {len(paths)} shard(s) in {args.out}")
     return 0

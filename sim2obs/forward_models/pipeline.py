@@ -1,16 +1,25 @@
-"""Render a galaxy source into shard files, on one process or a local pool of workers.
+"""Render a galaxy source into shard files, on one process, a local pool of workers, or a Dask
+cluster.
 
 Shards hold ``shard_size`` galaxies in source order; each is written atomically and a rerun
 skips shards that are already complete (after checking they were made with the same settings).
 Every galaxy's randomness derives from (seed, object_id), so the bytes written do not depend on
 the number of workers. Workers limit OpenMP/BLAS threads to one each (``threadpoolctl`` in the
 pool initializer, plus GalSim's own OpenMP setting): otherwise two processes run slower than one.
+
+With ``dask=`` (``'local:N'`` or a scheduler address) there is one Dask task per shard: the task
+gets the small :class:`RenderJob` and the shard's object ids, loads the particles itself from the
+simulation files, renders, and writes the shard atomically (:func:`render_shard`, the same code
+as the local path, hence the same bytes); only a small summary goes back to the client. A task
+whose worker dies is rerun by the scheduler; since a shard only appears under its name once
+complete, a half-done attempt leaves at most a hidden temporary file.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +34,7 @@ from sim2obs.data.shards import (
     shard_filename,
     write_shard,
 )
-from sim2obs.errors import Sim2ObsError, Sim2ObsValueError
+from sim2obs.errors import Sim2ObsError, Sim2ObsValueError, require
 from sim2obs.forward_models.galaxy import LABEL_UNITS
 from sim2obs.forward_models.render import RenderConfig, RenderedGalaxy, render_galaxy
 from sim2obs.forward_models.surveys import SurveySpec
@@ -70,14 +79,19 @@ class RenderJob:
 _WORKER_JOB: RenderJob | None = None
 
 
-def _init_worker(job: RenderJob) -> None:
-    """Pool initializer: one thread per worker for OpenMP/BLAS, and the job kept in a global."""
-    global _WORKER_JOB
+def _limit_threads() -> None:
+    """One OpenMP/BLAS thread in this process (parallelism comes from running processes)."""
     import galsim
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1)
     galsim.set_omp_threads(1)
+
+
+def _init_worker(job: RenderJob) -> None:
+    """Pool initializer: one thread per worker for OpenMP/BLAS, and the job kept in a global."""
+    global _WORKER_JOB
+    _limit_threads()
     _WORKER_JOB = job
 
 
@@ -164,12 +178,22 @@ def render_to_shards(
     workers: int = 1,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    dask=None,
 ) -> list[Path]:
     """Render ``ids`` of ``job.source`` into ``out_dir/NAME-00000.h5``...; returns shard paths.
 
-    Complete shards from an earlier identical run are kept (resume).
+    Complete shards from an earlier identical run are kept (resume). ``dask`` runs one Dask task
+    per shard instead of the local pool: ``'local:N'`` (a ``LocalCluster`` of N single-threaded
+    worker processes, closed at the end), a scheduler address (``'tcp://host:8786'``; the
+    workers must see ``out_dir`` and the simulation files at the same paths), or a
+    ``distributed.Client``. It excludes ``workers > 1``. Needs ``pip install "sim2obs[dask]"``.
     """
     from tqdm.auto import tqdm
+
+    if dask is not None and workers != 1:
+        raise Sim2ObsValueError("--dask and --workers > 1 are exclusive: the Dask workers do the work")
+    if dask is not None:
+        require("distributed", extra="dask", package="dask[distributed]")
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -186,23 +210,135 @@ def render_to_shards(
         log(f"resuming: {len(chunks) - len(todo)} of {len(chunks)} shards already complete")
     n_todo = sum(len(chunks[i]) for i in todo)
     bar = tqdm(total=n_todo, desc=f"render {job.survey.name}", unit="gal", disable=not progress)
+    def shard_cfg(index: int) -> dict:
+        return {"job": provenance, "shard_index": index, "n_shards": len(chunks),
+                "shard_size": int(shard_size)}
+
     try:
-        for i, results in _render_shards(job, [chunks[i] for i in todo], workers, bar):
-            rendered = [r for r in results if r is not None]
-            skipped = [int(c) for c, r in zip(chunks[todo[i]], results, strict=True) if r is None]
-            if skipped and log:
-                log(f"shard {todo[i]}: skipped {len(skipped)} galaxies with too few star particles "
-                    f"after dropping wind particles (ids {skipped[:5]}{'...' if len(skipped) > 5 else ''})")
-            if not rendered:
-                raise Sim2ObsValueError(
-                    f"every galaxy of shard {todo[i]} has too few star particles; lower --min-particles"
-                )
-            shard_cfg = {"job": provenance, "shard_index": todo[i], "n_shards": len(chunks),
-                         "shard_size": int(shard_size), "skipped_object_ids": skipped}
-            write_shard(paths[todo[i]], assemble_shard(job, rendered, shard_cfg))
+        if dask is not None:
+            tasks = [(i, chunks[i], paths[i], shard_cfg(i)) for i in todo]
+            for summary in _render_shards_dask(job, tasks, dask, bar):
+                _log_skipped(log, summary)
+        else:
+            for i, results in _render_shards(job, [chunks[i] for i in todo], workers, bar):
+                summary = _write_rendered(job, chunks[todo[i]], results, paths[todo[i]],
+                                          shard_cfg(todo[i]))
+                _log_skipped(log, summary)
     finally:
         bar.close()
     return paths
+
+
+def _log_skipped(log: Callable[[str], None] | None, summary: dict) -> None:
+    skipped = summary["skipped"]
+    if skipped and log:
+        log(f"shard {summary['shard_index']}: skipped {len(skipped)} galaxies with too few star "
+            f"particles after dropping wind particles "
+            f"(ids {skipped[:5]}{'...' if len(skipped) > 5 else ''})")
+
+
+def _write_rendered(job: RenderJob, ids: np.ndarray, results: Sequence[RenderedGalaxy | None],
+                    path: Path, shard_cfg: dict) -> dict:
+    """Assemble the rendered galaxies of one shard and write it atomically; returns a summary
+    ``{"path", "shard_index", "n", "skipped"}`` (``None`` results are skipped galaxies)."""
+    rendered = [r for r in results if r is not None]
+    skipped = [int(c) for c, r in zip(ids, results, strict=True) if r is None]
+    if not rendered:
+        raise Sim2ObsValueError(
+            f"every galaxy of shard {shard_cfg.get('shard_index')} has too few star particles; "
+            "lower --min-particles"
+        )
+    cfg = {**shard_cfg, "skipped_object_ids": skipped}
+    write_shard(path, assemble_shard(job, rendered, cfg))
+    return {"path": str(path), "shard_index": shard_cfg.get("shard_index"),
+            "n": len(rendered), "skipped": skipped}
+
+
+def render_shard(job: RenderJob, ids: Sequence[int], path: str | Path, shard_cfg: dict) -> dict:
+    """Render ``ids`` in this process and write them as one shard at ``path`` (atomically).
+
+    ``shard_cfg`` is the shard's provenance (``job``, ``shard_index``, ``n_shards``,
+    ``shard_size``); the ids of skipped galaxies are added to it. Returns a small summary
+    ``{"path", "shard_index", "n", "skipped"}``. This is what a Dask task runs.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    results = [job.render(int(oid)) for oid in ids]
+    return _write_rendered(job, ids, results, Path(path), shard_cfg)
+
+
+def _dask_render_task(job: RenderJob, ids: np.ndarray, path: str, shard_cfg: dict) -> dict:
+    """Body of one Dask task: one thread for OpenMP/BLAS, render and write one shard.
+
+    Errors of sim2obs (bad settings, an empty shard) are returned rather than raised so that
+    Dask does not retry them; anything else (I/O trouble, a crash) is raised and retried.
+    """
+    _limit_threads()
+    try:
+        return render_shard(job, ids, path, shard_cfg)
+    except Sim2ObsError as exc:
+        return {"error": exc}
+
+
+def _dask_client(dask):
+    """(client, cluster or None) for ``'local:N'``, a scheduler address, or a Client."""
+    distributed = require("distributed", extra="dask", package="dask[distributed]")
+    if isinstance(dask, distributed.Client):
+        return dask, None
+    spec = str(dask).strip()
+    if spec.startswith("local:"):
+        try:
+            n = int(spec[len("local:"):])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise Sim2ObsValueError(f"--dask {spec!r}: expected local:N with N >= 1 worker processes")
+        import logging
+
+        cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                           dashboard_address=None, silence_logs=logging.ERROR)
+        try:
+            return distributed.Client(cluster), cluster
+        except BaseException:
+            cluster.close()
+            raise
+    if "://" not in spec:
+        raise Sim2ObsValueError(
+            f"--dask {spec!r}: expected local:N or a scheduler address such as tcp://host:8786"
+        )
+    try:
+        return distributed.Client(spec, timeout="30s"), None
+    except OSError as exc:
+        raise Sim2ObsValueError(f"--dask {spec!r}: cannot reach the Dask scheduler ({exc})") from exc
+
+
+def _render_shards_dask(job: RenderJob, tasks: list, dask, bar, retries: int = 2) -> Iterator[dict]:
+    """Submit one task per shard; yield each shard's summary as it completes."""
+    if not tasks:
+        return
+    import distributed
+
+    client, cluster = _dask_client(dask)
+    own_client = client is not dask
+    futures = []
+    try:
+        for _index, ids, path, cfg in tasks:
+            futures.append(client.submit(
+                _dask_render_task, job, np.asarray(ids, dtype=np.int64), str(path), cfg,
+                key=f"sim2obs-render-{Path(path).name}-{uuid.uuid4().hex}", retries=retries))
+        for future in distributed.as_completed(futures):
+            summary = future.result()
+            if "error" in summary:
+                raise summary["error"]
+            bar.update(summary["n"] + len(summary["skipped"]))
+            yield summary
+    finally:
+        pending = [f for f in futures if not f.done()]
+        if pending:
+            client.cancel(pending)
+        if own_client:
+            client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def _render_shards(job: RenderJob, chunks: list[np.ndarray], workers: int, bar) -> Iterator:
