@@ -653,6 +653,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gap(sub)
     _add_similar(sub)
     _add_anomalies(sub)
+    from sim2obs import cli_adapt
+
+    cli_adapt.add_adapt(sub)
+    cli_adapt.add_infer(sub)
     return parser
 
 

@@ -335,6 +335,10 @@ def load_encoder(run_dir: str | Path) -> tuple[nn.Module, Normalizer, dict]:
     from sim2obs import encoders
 
     ckpt = load_checkpoint(run_dir)
+    if ckpt.get("kind") == "adapt":  # an adaptation run: its adapted features
+        from sim2obs.adapters.loop import adapted_encoder
+
+        return adapted_encoder(run_dir, ckpt)
     enc = encoders.build(**ckpt["encoder_config"])
     state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
     enc.load_state_dict(state)
