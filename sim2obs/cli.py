@@ -481,6 +481,42 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _add_manifest(sub) -> None:
+    p = sub.add_parser(
+        "manifest",
+        help="write, update or verify a shard folder's manifest.json (counts, ids, checksums)",
+        description=(
+            "Create or update FOLDER/manifest.json: per shard its object count, object ids, size, "
+            "mtime, SHA-256 checksum, survey and bands, so that datasets open the folder without "
+            "opening every shard. `render` and `ingest` update it themselves; only new or changed "
+            "shards are re-read."
+        ),
+    )
+    p.add_argument("folders", nargs="+", type=Path, help="shard folders")
+    p.add_argument("--verify", action="store_true",
+                   help="re-hash every shard and report checksum/size mismatches, missing and "
+                        "unlisted shards (exit status 1 if any)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="ignore the old manifest and re-read every shard")
+    p.set_defaults(func=_cmd_manifest)
+
+
+def _cmd_manifest(args) -> int:
+    from sim2obs.data.manifest import check_folders, update_manifest
+
+    if args.verify and args.rebuild:
+        raise _usage("--verify checks the manifest as it is; run --rebuild separately")
+    if args.verify:
+        check_folders(args.folders)
+        _log(f"verified {len(args.folders)} folder(s): all match")
+        return 0
+    for folder in args.folders:
+        r = update_manifest(folder, rebuild=args.rebuild)
+        _log(f"{r.path}: {r.n_shards} shard(s), {r.n_objects} object(s) ({r.n_read} read, "
+             f"{r.n_reused} unchanged, {r.n_removed} removed)")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # gap / similar / anomalies
 # ----------------------------------------------------------------------------------------------
@@ -650,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_probe(sub)
     _add_ingest(sub)
     _add_export(sub)
+    _add_manifest(sub)
     _add_gap(sub)
     _add_similar(sub)
     _add_anomalies(sub)
@@ -657,6 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_adapt.add_adapt(sub)
     cli_adapt.add_infer(sub)
+    cli_adapt.add_demo(sub)
     return parser
 
 

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sim2obs.data.shards import list_shards
+from sim2obs.data.manifest import open_shard, shard_entries
 from sim2obs.errors import Sim2ObsDataError, Sim2ObsValueError
 
 #: Default softening in units of the noise sigma: features near the noise level stay linear.
 DEFAULT_ASINH_K = 3.0
+#: Shard files a :class:`ShardDataset` keeps open at once (per process).
+MAX_OPEN_FILES = 64
 
 
 def split_of(object_ids: np.ndarray, val_fraction: float, seed: int = 0) -> np.ndarray:
@@ -121,8 +123,6 @@ class ShardDataset:
 
     def __init__(self, folders, bands=None, split: str = "all", val_fraction: float = 0.1,
                  split_seed: int = 0, label_keys=()):
-        import h5py
-
         if isinstance(folders, str | Path):
             folders = [folders]
         if not folders:
@@ -138,17 +138,16 @@ class ShardDataset:
         stamp = None
         self.bands: tuple[str, ...] = tuple(bands) if bands else ()
         self.pixel_scales: dict[str, float] = {}
+        self.n_from_manifest = 0  # shards described by an up-to-date manifest (not opened)
         for folder in self.folders:
-            for path in list_shards(folder):
-                try:
-                    with h5py.File(path, "r") as f:
-                        fb = tuple(str(b) for b in f.attrs["bands"])
-                        shape = f["images"].shape
-                        oid = f["labels/object_id"][()]
-                        survey = str(f.attrs.get("survey", folder.name))
-                        self.pixel_scales[survey] = float(f.attrs.get("pixel_scale_arcsec", np.nan))
-                except (OSError, KeyError) as exc:
-                    raise Sim2ObsDataError(f"'{path}' is not a readable shard ({exc})") from exc
+            entries, n_manifest = shard_entries(folder)
+            self.n_from_manifest += n_manifest
+            for path, entry in entries:
+                fb = entry.bands
+                shape = (entry.n_objects, len(fb), *entry.stamp)
+                oid = entry.object_ids()
+                survey = entry.survey if entry.survey is not None else folder.name
+                self.pixel_scales[survey] = entry.pixel_scale_arcsec
                 if not self.bands:
                     self.bands = fb
                 missing = [b for b in self.bands if b not in fb]
@@ -194,12 +193,14 @@ class ShardDataset:
         return state
 
     def _file(self, fi: int):
-        import h5py
-
-        h = self._handles.get(fi)
+        """The open h5py file ``fi`` (at most ``MAX_OPEN_FILES`` kept open, least recently used
+        closed first: random access over 10^4 shards stays within file-descriptor limits)."""
+        h = self._handles.pop(fi, None)
         if h is None:
-            h = h5py.File(self.files[fi], "r")
-            self._handles[fi] = h
+            while len(self._handles) >= MAX_OPEN_FILES:
+                self._handles.pop(next(iter(self._handles))).close()
+            h = open_shard(self.files[fi])
+        self._handles[fi] = h  # (re)inserted last: dict order is the recency order
         return h
 
     def raw(self, i: int) -> dict:

@@ -820,6 +820,9 @@ def write_ingested(arr: dict, opts: IngestOptions, out: str | Path, base_config:
         paths.append(write_shard(out / shard_filename(name, s), shard))
     for old in existing[len(paths):]:
         old.unlink()
+    from sim2obs.data.manifest import update_manifest
+
+    update_manifest(out, on_error="skip", log=log)  # manifest.json: counts, ids, checksums
     return paths
 
 

@@ -226,6 +226,9 @@ def render_to_shards(
                 _log_skipped(log, summary)
     finally:
         bar.close()
+    from sim2obs.data.manifest import update_manifest
+
+    update_manifest(out_dir, on_error="skip", log=log)  # manifest.json: counts, ids, checksums
     return paths
 
 
