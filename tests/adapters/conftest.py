@@ -40,6 +40,17 @@ def shift_descent(adapter, x: torch.Tensor, y: torch.Tensor, steps: int = 30, lr
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Run a test single-threaded (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    the adapter tests' kernels are tiny (N ~ 256) and on a shared 2-core machine OpenMP thread
+    hand-offs made them ~50x slower than one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def clouds():
     return gaussian_clouds
 

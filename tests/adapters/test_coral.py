@@ -13,6 +13,8 @@ from sim2obs.adapters import build
 from sim2obs.adapters.coral import CORAL, covariance
 from sim2obs.errors import Sim2ObsValueError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def test_hand_computed_value():
     # source: corners of a 2x2 square -> centred +-1, C_s = 4/3 I; target: unit square -> 1/3 I
