@@ -235,6 +235,12 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--stream", action="store_true",
+                   help="out-of-core data: stream the shards (one open at a time per reader), "
+                        "shared among ranks and workers, through a shuffle buffer; pairs are two "
+                        "augmentations of one image (needs --no-cross-survey with several surveys)")
+    p.add_argument("--shuffle-buffer", type=int, default=1000,
+                   help="--stream: items in each reader's shuffle buffer (default 1000)")
     p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, mps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
@@ -251,6 +257,7 @@ def _cmd_pretrain(args) -> int:
         cross_survey=not args.no_cross_survey, val_fraction=args.val_fraction,
         precision=args.precision, channels_last=not args.no_channels_last, compile=args.compile,
         num_workers=args.num_workers, seed=args.seed, norm=args.norm,
+        stream=args.stream, shuffle_buffer=args.shuffle_buffer,
     )
     if isinstance(args.resume, str):
         if args.out is not None and Path(args.resume) != args.out:

@@ -17,6 +17,9 @@ projection head and loss.
   batch among ranks and embeddings are gathered for the loss. BatchNorm is synchronised on GPUs;
   on CPU (where PyTorch has no SyncBatchNorm) ``norm='group'`` makes the result independent of
   the number of processes.
+* ``stream=True`` (``--stream``): out-of-core training data, a
+  :class:`~sim2obs.data.streaming.StreamingShardDataset` sharing the shards among ranks and
+  DataLoader workers through a shuffle buffer; pairs are two augmentations of one image.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ class PretrainConfig:
     compile: bool = False
     num_workers: int = 0
     seed: int = 0
+    stream: bool = False  # stream shards (StreamingShardDataset) instead of random access
+    shuffle_buffer: int = 1000  # --stream: items in each reader's shuffle buffer
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -87,6 +92,8 @@ class PretrainConfig:
             raise Sim2ObsValueError("need epochs >= 1, batch_size >= 2 and lr > 0")
         if self.bands is not None:
             object.__setattr__(self, "bands", tuple(self.bands))
+        if self.shuffle_buffer < 0:
+            raise Sim2ObsValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         if self.norm not in ("batch", "group"):
             raise Sim2ObsValueError(f"norm must be 'batch' or 'group', got '{self.norm}'")
         if self.encoder_kwargs is None:
@@ -265,13 +272,15 @@ def build_augment(config: PretrainConfig, dataset: ShardDataset):
     return A.Compose(physical + geometric)
 
 
-def _median_psf_fwhm_pix(dataset: ShardDataset):
+def _median_psf_fwhm_pix(dataset: ShardDataset, max_files: int = 64):
     import h5py
 
+    files = dataset.files  # at most max_files of them, evenly spread (10^4 shards: a sample)
+    files = [files[i] for i in np.unique(np.linspace(0, len(files) - 1, max_files).astype(int))]
     out = []
     for b in dataset.bands:
         vals = []
-        for path in dataset.files:
+        for path in files:
             with h5py.File(path, "r") as f:
                 key = f"labels/psf_fwhm_{b}"
                 if key in f:
@@ -415,8 +424,11 @@ def pretrain(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
 
-    train_ds = ShardDataset(folders, bands=config.bands, split="train",
-                            val_fraction=config.val_fraction, split_seed=config.split_seed)
+    if config.stream:
+        train_ds = _streaming_train_set(folders, config, dist_info)
+    else:
+        train_ds = ShardDataset(folders, bands=config.bands, split="train",
+                                val_fraction=config.val_fraction, split_seed=config.split_seed)
     val_ds = None
     if config.val_fraction > 0:
         try:
@@ -451,15 +463,32 @@ def pretrain(
     model = model.to(dev)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    pairs = PairDataset(train_ds, config.cross_survey, config.seed)
-    sampler = torch.utils.data.distributed.DistributedSampler(
-        pairs, num_replicas=dist_info.world, rank=dist_info.rank, shuffle=True,
-        seed=config.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(
-        pairs, batch_size=local_batch, sampler=sampler, drop_last=True,
-        num_workers=config.num_workers, collate_fn=_collate,
-        persistent_workers=config.num_workers > 0, pin_memory=dev.type == "cuda")
-    steps_per_epoch = len(loader) if max_steps_per_epoch is None else min(len(loader), max_steps_per_epoch)
+    if config.stream:  # workers not persistent: each epoch's workers get the new epoch
+        from sim2obs.data.streaming import collate_same_pairs
+
+        loader = torch.utils.data.DataLoader(
+            train_ds, batch_size=local_batch, drop_last=True, num_workers=config.num_workers,
+            collate_fn=collate_same_pairs, pin_memory=dev.type == "cuda")
+        n_batches = train_ds.batches_per_epoch(local_batch, config.num_workers)
+        if n_batches == 0:
+            raise Sim2ObsValueError(
+                f"--stream: {train_ds.samples_per_reader(config.num_workers)} samples per reader "
+                f"(rank x worker) is less than a batch of {local_batch}; use fewer --num-workers "
+                "or a smaller --batch-size"
+            )
+        epoch_aware: list = [train_ds]
+    else:
+        pairs = PairDataset(train_ds, config.cross_survey, config.seed)
+        sampler = torch.utils.data.distributed.DistributedSampler(
+            pairs, num_replicas=dist_info.world, rank=dist_info.rank, shuffle=True,
+            seed=config.seed, drop_last=True)
+        loader = torch.utils.data.DataLoader(
+            pairs, batch_size=local_batch, sampler=sampler, drop_last=True,
+            num_workers=config.num_workers, collate_fn=_collate,
+            persistent_workers=config.num_workers > 0, pin_memory=dev.type == "cuda")
+        n_batches = len(loader)
+        epoch_aware = [sampler, pairs]
+    steps_per_epoch = n_batches if max_steps_per_epoch is None else min(n_batches, max_steps_per_epoch)
     total_steps = steps_per_epoch * config.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -520,8 +549,8 @@ def pretrain(
         return loss, ha
 
     for epoch in range(start_epoch, config.epochs):
-        sampler.set_epoch(epoch)
-        pairs.set_epoch(epoch)
+        for obj in epoch_aware:
+            obj.set_epoch(epoch)
         gen = _generator(dev, config.seed, epoch, dist_info.rank)
         train_model.train()
         t0 = time.perf_counter()
@@ -579,6 +608,24 @@ def pretrain(
             break
     train_ds.close()
     return out
+
+
+def _streaming_train_set(folders, config: PretrainConfig, dist_info: DistInfo):
+    """The ``--stream`` training set: this rank's share of the shards, shuffled through a buffer
+    (positive pairs are two augmentations of the same image)."""
+    from sim2obs.data.streaming import StreamingShardDataset
+
+    ds = StreamingShardDataset(folders, bands=config.bands, split="train",
+                               val_fraction=config.val_fraction, split_seed=config.split_seed,
+                               shuffle_buffer=config.shuffle_buffer, seed=config.seed,
+                               rank=dist_info.rank, world_size=dist_info.world)
+    if config.cross_survey and len(set(ds.surveys)) > 1:
+        raise Sim2ObsValueError(
+            "--stream pairs two augmentations of the same image; pairing a galaxy with its "
+            f"rendering by another survey ({sorted(set(ds.surveys))}) needs random access: pass "
+            "--no-cross-survey to stream, or drop --stream"
+        )
+    return ds
 
 
 @torch.no_grad()
