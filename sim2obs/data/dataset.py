@@ -1,9 +1,11 @@
 """Torch datasets over shard folders, and the per-band flux normalisation.
 
 * :class:`ShardDataset` indexes one or more shard folders lazily: only ``/labels/object_id`` and
-  shapes are read up front; images are read per item through one h5py handle per worker process
-  (handles are dropped when the dataset is pickled to a ``DataLoader`` worker), so it works with
-  ``num_workers > 0``.
+  shapes are read up front, from the folder's ``manifest.json`` when it is up to date (no shard
+  opened; :mod:`sim2obs.data.manifest`), else from each shard; images are read per item through
+  h5py handles per worker process (at most ``MAX_OPEN_FILES`` open; dropped when the dataset is
+  pickled to a ``DataLoader`` worker), so it works with ``num_workers > 0``. For more shards
+  than fit in memory, or without random access, see :mod:`sim2obs.data.streaming`.
 * The train/validation split is a deterministic function of ``object_id`` (and a split seed):
   the same galaxy rendered by two surveys lands on the same side.
 * Several folders may hold different surveys; they must share the band names used for training

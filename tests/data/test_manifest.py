@@ -185,3 +185,21 @@ def test_render_writes_the_manifest(tmp_path):
     m = load_manifest(tmp_path)
     assert sorted(m.entries) == ["sdss-00000.h5", "sdss-00001.h5"] and m.n_objects == 3
     assert verify_folder(tmp_path) == []
+
+
+def test_ingest_writes_the_manifest(tmp_path):
+    from sim2obs.data.ingest import IngestOptions
+    from sim2obs.data.ingest_hdf5 import HDF5Keys, ingest_hdf5
+
+    rng = np.random.default_rng(0)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f.create_dataset("cutouts", data=rng.normal(1.0, 0.1, (5, 2, 24, 24)).astype(np.float32))
+        f["cutouts"].attrs["BUNIT"] = "nanomaggy"
+        f.attrs["pixel_scale_arcsec"] = 0.168
+        f.create_dataset("ids", data=np.arange(10, 15))
+    opts = IngestOptions(survey="hsc", bands=("g", "r"), psf_fwhm=0.7, shard_size=3)
+    ingest_hdf5(tmp_path / "d.h5", tmp_path / "o", opts, HDF5Keys(images="cutouts", ids="ids"))
+    m = load_manifest(tmp_path / "o")
+    assert m.n_objects == 5 and len(m.entries) == 2
+    np.testing.assert_array_equal(ShardDataset(tmp_path / "o").object_id, np.arange(10, 15))
+    assert verify_folder(tmp_path / "o") == []
