@@ -254,8 +254,12 @@ class StreamingShardDataset(torch.utils.data.IterableDataset):
         starts = ends - counts
         n = int(ends[-1])
         per = n // n_readers if self.partition == "drop" else -(-n // n_readers)
-        a, b = reader * per, (reader + 1) * per
-        ranges = [(a, min(b, n))] + ([(0, b - n)] if b > n else [])  # 'pad' wraps around
+        ranges = []  # positions reader*per ... (reader+1)*per - 1, modulo n ('pad' wraps around)
+        pos, left = (reader * per) % n, per
+        while left > 0:
+            take = min(left, n - pos)
+            ranges.append((pos, pos + take))
+            pos, left = 0, left - take
         pieces = []
         for lo, hi in ranges:
             for k in np.flatnonzero((starts < hi) & (ends > lo)):

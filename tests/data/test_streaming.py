@@ -66,6 +66,12 @@ def test_drop_and_pad_when_not_divisible(folder):
     padded = [i for r in range(3) for i in _epoch(folder, r, 3, workers=2, partition="pad")]
     counts = Counter(padded)
     assert len(padded) == 102 and set(counts) == set(range(100)) and max(counts.values()) == 2
+    # more readers than samples: 'pad' still gives every reader one equal block
+    tiny = StreamingShardDataset(folder, rank=0, world_size=1, split="val", val_fraction=0.04,
+                                 partition="pad")
+    n = len(tiny)
+    pieces = [tiny.plan(r, n + 3) for r in range(n + 3)]
+    assert all(sum(stop - first for _, first, stop in p) == 1 for p in pieces)
     # the dropped samples change with the epoch (the shard order does)
     other = [i for r in range(3) for i in _epoch(folder, r, 3, workers=2, epoch=1)]
     assert set(range(100)) - set(dropped) != set(range(100)) - set(other)
