@@ -72,12 +72,27 @@ class RealismConfig:
         return {"level": self.level, "effects": sorted(self.effects)}
 
 
+#: Seeing draws are truncated at this many standard deviations: survey programmes re-observe
+#: fields taken in poor seeing (HSC-SSP requires i-band seeing < ~0.8", Aihara et al. 2018,
+#: PASJ 70, S4, sec. 3), so the real distribution has no unbounded tail; a bound also lets the
+#: stamp size be checked before rendering.
+SEEING_TRUNCATION_SIGMA = 3.0
+
+
 def draw_seeing(fwhm_arcsec: np.ndarray, scatter_dex: float, rng: np.random.Generator) -> np.ndarray:
     """Per-galaxy PSF FWHM per band: a common lognormal factor (the night's seeing) times a
-    smaller independent per-band factor (bands taken at different times)."""
-    common = rng.normal(0.0, scatter_dex)
-    per_band = rng.normal(0.0, scatter_dex / 3.0, size=len(fwhm_arcsec))
+    smaller independent per-band factor (bands taken at different times), each truncated at
+    :data:`SEEING_TRUNCATION_SIGMA`."""
+    t = SEEING_TRUNCATION_SIGMA
+    common = np.clip(rng.normal(0.0, scatter_dex), -t * scatter_dex, t * scatter_dex)
+    per_band = np.clip(rng.normal(0.0, scatter_dex / 3.0, size=len(fwhm_arcsec)),
+                       -t * scatter_dex / 3.0, t * scatter_dex / 3.0)
     return np.asarray(fwhm_arcsec) * 10 ** (common + per_band)
+
+
+def max_seeing_factor(scatter_dex: float) -> float:
+    """The largest factor :func:`draw_seeing` can apply to a band's median FWHM."""
+    return float(10 ** (SEEING_TRUNCATION_SIGMA * scatter_dex * (1 + 1 / 3)))
 
 
 def point_source_depth_mag(band, pixel_scale_arcsec: float, fwhm_arcsec: float) -> float:

@@ -36,7 +36,12 @@ from sim2obs.forward_models.photometry import (
     nmgy_to_mag,
 )
 from sim2obs.forward_models.psf import psf_image, psf_profile
-from sim2obs.forward_models.realism import RealismConfig, apply_realism, draw_seeing
+from sim2obs.forward_models.realism import (
+    RealismConfig,
+    apply_realism,
+    draw_seeing,
+    max_seeing_factor,
+)
 from sim2obs.forward_models.stellar_pops import Dust
 from sim2obs.forward_models.surveys import SurveySpec
 
@@ -285,14 +290,18 @@ def render_galaxy(
 
     # --- PSFs (possibly per-galaxy seeing) --------------------------------------------------
     fwhms = np.array([b.psf_fwhm_arcsec for b in survey.bands]) * config.psf_fwhm_scale
+    # checked against the worst seeing any galaxy can get, so a job fails on its first galaxy
+    worst = fwhms.max()
     if config.realism.enabled("seeing"):
+        worst *= max_seeing_factor(survey.psf.seeing_scatter_dex)
         fwhms = draw_seeing(fwhms, survey.psf.seeing_scatter_dex, obs_rng)
     stamp_arcsec = stamp * pix
-    if stamp_arcsec < 4 * fwhms.max():
-        need = int(math.ceil(4 * fwhms.max() / pix))
+    if stamp_arcsec < 4 * worst:
+        need = int(math.ceil(4 * worst / pix))
         raise Sim2ObsValueError(
-            f"a {stamp}-pixel stamp ({stamp_arcsec:.2f}\") is smaller than 4 x the PSF FWHM "
-            f"({fwhms.max():.2f}\") of survey '{survey.name}'; use --stamp {need} or larger"
+            f"a {stamp}-pixel stamp ({stamp_arcsec:.2f}\") is smaller than 4 x the largest PSF "
+            f"FWHM ({worst:.2f}\"{', with per-galaxy seeing' if config.realism.enabled('seeing') else ''}) "
+            f"of survey '{survey.name}'; use --stamp {need} or larger"
         )
     psfs = [psf_profile(survey, b, f) for b, f in zip(survey.bands, fwhms, strict=True)]
 

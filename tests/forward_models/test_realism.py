@@ -106,3 +106,13 @@ def test_config_validation():
         RealismConfig("observed", frozenset({"rain"}))
     with pytest.raises(Sim2ObsValueError, match="level"):
         RealismConfig("extreme")
+
+
+def test_seeing_draws_are_bounded():
+    from sim2obs.forward_models.realism import max_seeing_factor
+
+    rng = np.random.default_rng(3)
+    base = np.array([0.7, 0.6, 0.8])
+    draws = np.array([draw_seeing(base, 0.08, rng) for _ in range(20000)])
+    assert (draws / base).max() <= max_seeing_factor(0.08) * (1 + 1e-12)
+    assert (draws / base).max() > 1.5  # the bound is reached in the tail, not far inside it
