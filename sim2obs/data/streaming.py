@@ -194,14 +194,22 @@ class StreamingShardDataset(torch.utils.data.IterableDataset):
     def _read_rows(self, f, si: int, rows: np.ndarray) -> list[dict]:
         """Items for increasing ``rows`` of open shard ``si`` (one contiguous HDF5 read)."""
         r0, r1 = int(rows[0]), int(rows[-1]) + 1
-        take = rows - r0
+        take = None if rows.size == r1 - r0 else rows - r0  # None: every row of the slab
         bi = self._band_idx[si]
+        all_bands = bi.size == len(f.attrs["bands"]) and np.array_equal(bi, np.arange(bi.size))
+
+        def read(name: str, bands: bool = False) -> np.ndarray:
+            arr = f[name][r0:r1]
+            if take is not None:
+                arr = arr[take]
+            return arr if not bands or all_bands else arr[:, bi]
+
         try:
-            image = f["images"][r0:r1][take][:, bi]
-            ivar = f["ivar"][r0:r1][take][:, bi] if "ivar" in f else None
-            ids = f["labels/object_id"][r0:r1][take]
+            image = read("images", bands=True)
+            ivar = read("ivar", bands=True) if "ivar" in f else None
+            ids = read("labels/object_id")
             grp = f["labels"]
-            labels = {k: (grp[k][r0:r1][take].astype(np.float64) if k in grp
+            labels = {k: (read(f"labels/{k}").astype(np.float64) if k in grp
                           else np.full(len(rows), np.nan)) for k in self.label_keys}
         except OSError as exc:
             raise Sim2ObsDataError(f"'{self.files[si]}': read error ({exc}); it is corrupt: "
@@ -212,8 +220,11 @@ class StreamingShardDataset(torch.utils.data.IterableDataset):
                 f"'{self.files[si]}': {int(bad.sum())} NaN pixels not masked by ivar = 0; "
                 "re-ingest or mask them"
             )
-        image = np.where(np.isfinite(image), image, 0.0).astype(np.float32)
-        ivar = None if ivar is None else ivar.astype(np.float32)
+        finite = np.isfinite(image)
+        if not finite.all():
+            image = np.where(finite, image, 0.0)
+        image = image.astype(np.float32, copy=False)
+        ivar = None if ivar is None else ivar.astype(np.float32, copy=False)
         survey = self.surveys[si]
         # copies: a view would keep the whole chunk alive while the item sits in the buffer
         return [{

@@ -47,6 +47,9 @@ def test_items_match_shard_dataset(folder):
         assert item["labels"]["log_mstar"] == want["labels"]["log_mstar"]
         assert np.isnan(item["labels"]["nope"])
     np.testing.assert_array_equal(ds.raw(12)["image"], ref.raw(12)["image"])
+    sub = StreamingShardDataset(folder, bands=("i", "g"), split="train", rank=0, world_size=1)
+    ref_sub = ShardDataset(folder, bands=("i", "g"), split="train")
+    np.testing.assert_array_equal(sub.raw(5)["image"], ref_sub.raw(5)["image"])  # rows skipped too
 
 
 def test_every_sample_once_with_two_ranks_of_two_workers(folder):
