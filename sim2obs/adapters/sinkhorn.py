@@ -9,12 +9,14 @@ with uniform weights 1/N and 1/M::
     eps = blur^p.
 
 Note geomloss's cost convention: for p = 2 it is **|x - y|^2 / 2** (``squared_distances / 2``
-in geomloss's ``cost_routines``), so S_eps -> W_2^2 / 2 as blur -> 0 and S_eps -> an MMD with a
-kernel of scale ~blur as blur -> infinity. S_eps >= 0, = 0 iff the two measures are equal (it is
-exactly 0 for identical point clouds, whatever blur), and it is smooth in the points, with
-gradient the (entropic) transport displacement. Its finite-sample bias for two samples of one
-distribution shrinks with blur: small blur behaves like exact OT (bias ~ n^(-2/D), large in
-high dimension), large blur like an MMD (bias ~ n^(-1)).
+in geomloss's ``cost_routines``), so S_eps -> W_2^2 / 2 as blur -> 0, and as blur -> infinity
+it tends to an MMD with the kernel -C (Feydy et al. 2019), which for p = 2 only sees the
+difference of the means. S_eps >= 0, = 0 iff the two measures are equal (it is exactly 0 for
+identical point clouds, whatever blur), and it is smooth in the points, with gradient the
+(entropic) transport displacement. Its value for two finite samples of one distribution shrinks
+as blur grows: small blur behaves like exact OT (W_2 between samples ~ n^(-1/D), large in high
+dimension), larger blur like an MMD (~ n^(-1/2); Genevay et al. 2019, AISTATS, "Sample
+complexity of Sinkhorn divergences").
 
 **Feature scale (``normalize``).** blur is a length in the units of the points. With
 ``normalize=True`` (default) both clouds are divided by a *detached* scalar scale
