@@ -86,16 +86,26 @@ def render_child(spec: dict) -> dict:
         warm = ids[-2 * n_workers:]  # not among the timed ones
         render_to_shards(job, warm, out / "warmup", shard_size=1, progress=False, dask=client)
         timed = ids[: spec["n"]]
+        cpu0 = sum(client.run(_process_cpu_s).values())
         with OtherLoad() as load:
             t = time.perf_counter()
             render_to_shards(job, timed, out / "run", shard_size=spec["shard_size"],
                              progress=False, dask=client)
             seconds = time.perf_counter() - t
+        worker_cpu = sum(client.run(_process_cpu_s).values()) - cpu0
     finally:
         client.close()
         cluster.close()
     return {"seconds": seconds, "startup_s": startup, "other_cores": load.cores,
-            "n": int(len(timed))}
+            "n": int(len(timed)), "worker_cpu_s": worker_cpu}
+
+
+def _process_cpu_s() -> float:
+    """CPU seconds of the calling (worker) process."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def time_render(n: int, shard_size: int, repeats: int, tmp: Path) -> dict:
@@ -115,13 +125,18 @@ def report_render(runs: dict, shard_size: int, repeats: int) -> None:
     n = runs[1]["n"]
     print(f"(a) render_to_shards(..., dask=<LocalCluster of W workers>), source 'mini', {SURVEY} "
           f"grizy {STAMP}x{STAMP}, {n} galaxies in shards of {shard_size}, best of {repeats}:")
-    print(f"  {'workers':>7} {'gal/s':>7} {'seconds':>8} {'cluster start':>14} {'other load':>11}")
+    print(f"  {'workers':>7} {'gal/s':>7} {'seconds':>8} {'cluster start':>14} "
+          f"{'worker CPU/gal':>15} {'workers busy':>13} {'other load':>11}")
     for w, r in sorted(runs.items()):
+        busy = r["worker_cpu_s"] / (r["seconds"] * w)
         print(f"  {w:7d} {r['n'] / r['seconds']:7.2f} {r['seconds']:8.2f} {r['startup_s']:12.1f} s "
-              f"{r['other_cores']:7.2f} cores")
+              f"{r['worker_cpu_s'] / r['n']:13.3f} s {100 * busy:11.0f} % {r['other_cores']:7.2f} cores")
     speed = runs[1]["seconds"] / runs[2]["seconds"]
     print(f"  1 -> 2 Dask workers speed-up: {speed:.2f}x; target >= 1.8x: "
           f"{'met' if speed >= 1.8 else 'MISSED'}")
+    cpu_ratio = (runs[2]["worker_cpu_s"] / runs[2]["n"]) / (runs[1]["worker_cpu_s"] / runs[1]["n"])
+    print(f"  worker CPU per galaxy, 2 vs 1 workers: {cpu_ratio:.2f}x (1.00 = no parallel overhead; "
+          "busy = worker CPU / (wall x workers): below 100 % the workers waited for a core or a task)")
     print("  (timed: one render_to_shards call after cluster start-up and a warm-up render on every "
           "worker; includes task submission, HDF5 writes and the manifest update)")
     busy = max(r["other_cores"] for r in runs.values())
