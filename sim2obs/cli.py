@@ -702,6 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_adapt.add_adapt(sub)
     cli_adapt.add_infer(sub)
     cli_adapt.add_demo(sub)
+    cli_adapt.add_benchmark(sub)
     return parser
 
 

@@ -144,3 +144,40 @@ def _cmd_demo(args) -> int:
     run_demo(args.out, quick=args.quick, method=args.method, seed=args.seed, workers=args.workers,
              device=args.device, progress=not args.quiet, log=_log)
     return 0
+
+
+def add_benchmark(sub) -> None:
+    from sim2obs.adapters import METHODS
+
+    p = sub.add_parser(
+        "benchmark",
+        help="the versioned sim-to-real benchmark (adapters vs source-only vs oracle)",
+        description=(
+            "sim2real: source = mini-universe rendered with basic realism; target = another "
+            "population seed with observed realism and 1.4x worse seeing (split into adaptation "
+            "and test galaxies). Runs none, each adapter and the oracle over --seeds, plus a "
+            "label-efficiency curve; writes OUT/results.json and OUT/results.md."
+        ),
+    )
+    p.add_argument("name", choices=("sim2real",), help="benchmark to run")
+    p.add_argument("--out", type=Path, default=Path("bench"))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--methods", nargs="+", choices=[m for m in METHODS if m != "none"], default=None,
+                   help="adapters to compare (default: all)")
+    p.add_argument("--pretrained", type=Path, default=None,
+                   help="reuse this pretraining run instead of pretraining on the protocol's data")
+    p.add_argument("--no-label-efficiency", action="store_true")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a result)")
+    p.add_argument("--workers", type=int, default=2, help="rendering processes")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_benchmark)
+
+
+def _cmd_benchmark(args) -> int:
+    from sim2obs.benchmark import run_benchmark
+
+    run_benchmark(args.out, seeds=args.seeds, methods=args.methods, quick=args.quick,
+                  pretrained=args.pretrained, label_efficiency=not args.no_label_efficiency,
+                  workers=args.workers, device=args.device, progress=not args.quiet, log=_log)
+    return 0

@@ -357,7 +357,11 @@ def adapt(pretrained: str | Path, source, target, out_dir: str | Path,
         raise Sim2ObsValueError(f"'{pretrained}' is an adaptation run; adapt from the pretraining run")
     kw = dict(bands=normalizer.bands, val_fraction=config.val_fraction, split_seed=config.split_seed)
     src_train = ShardDataset(source, split="train", **kw)
-    src_val = ShardDataset(source, split="val", **kw)
+    try:
+        src_val = ShardDataset(source, split="val", **kw)
+    except Sim2ObsDataError as exc:
+        raise Sim2ObsDataError(f"{exc}: too few source galaxies for a validation split; render "
+                               "more or raise --val-fraction") from exc
     tgt = ShardDataset(target, bands=normalizer.bands)
     for ds, what in ((src_val, "source"), (tgt, "target")):
         if ds.stamp != src_train.stamp:
@@ -466,13 +470,15 @@ def adapt(pretrained: str | Path, source, target, out_dir: str | Path,
             opt.step()
             sched.step()
         row = {"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()}}
-        row.update(_evaluate(model, inputs, ys_train, ys_val, y_tgt, scaler, config, dev))
+        if config.selection != "last" or epoch + 1 == config.epochs:  # 'last' needs no per-epoch scores
+            row.update(_evaluate(model, inputs, ys_train, ys_val, y_tgt, scaler, config, dev))
         history.append(row)
-        score = {"dev": row["dev_risk"], "source-val": row["source_val_nll"], "last": -epoch}[config.selection]
+        score = {"dev": row.get("dev_risk"), "source-val": row.get("source_val_nll"),
+                 "last": -epoch}[config.selection]
         if best is None or score < best["score"] or not np.isfinite(best["score"]):
             best = {"epoch": epoch, "score": float(score),
                     "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-        bar.set_postfix(nll=f"{row['nll']:.3f}", dev=f"{row['dev_risk']:.3f}")
+        bar.set_postfix(nll=f"{row['nll']:.3f}")
         payload = {"kind": "adapt", "config": config.to_dict(), "epoch": epoch,
                    "model": model.state_dict(), "optimizer": opt.state_dict(),
                    "scheduler": sched.state_dict(), "best": best, "history": history,
