@@ -61,10 +61,10 @@ REFERENCES = [
 
 @dataclass(frozen=True)
 class BenchSizes:
-    n_source: int = 2000
-    n_target: int = 2000
+    n_source: int = 1500
+    n_target: int = 1500
     stamp: int = 64
-    pretrain_epochs: int = 20
+    pretrain_epochs: int = 15
     adapt_epochs: int = 30
     finetune_steps: int = 150
 
