@@ -37,7 +37,9 @@ def add_adapt(sub) -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--adapter-weight", type=float, default=1.0, help="weight of the alignment loss")
+    p.add_argument("--adapter-weight", type=float, default=None,
+                   help="weight of the alignment loss (default: 1, or 1000 for coral whose loss "
+                        "carries 1/(4 d^2))")
     p.add_argument("--ensemble", type=int, default=1, help="deep-ensemble members (default 1)")
     p.add_argument("--selection", choices=("dev", "source-val", "last"), default="dev",
                    help="checkpoint choice: dev (importance-weighted, needs no target labels), "

@@ -54,6 +54,12 @@ from sim2obs.heads import (
 )
 
 CHECKPOINT = "checkpoint.pt"
+#: Default alignment-loss weight per method (``adapter_weight=None``). Deep CORAL's loss carries
+#: a 1/(4 d^2) factor (Sun & Saenko 2016), ~1e-4 of the NLL for d = 128 bottleneck features; the
+#: paper weights it so that both losses are comparable at the end of training, hence 1e3.
+#: The other losses are O(0.1-1) on standardised features and start at 1.
+DEFAULT_ADAPTER_WEIGHT = {"none": 0.0, "dann": 1.0, "cdan": 1.0, "sinkhorn": 1.0, "mmd": 1.0,
+                          "coral": 1000.0, "jdot": 1.0}
 FINETUNE = ("none", "last", "all")
 SELECTION = ("dev", "source-val", "last")
 #: z-values of the central 68.27 % and 95.45 % intervals of a Gaussian (1 and 2 sigma).
@@ -72,7 +78,7 @@ class AdaptConfig:
     lr: float = 1e-3
     encoder_lr_scale: float = 0.1  # encoder learning rate = lr * this (when fine-tuned)
     weight_decay: float = 1e-4
-    adapter_weight: float = 1.0
+    adapter_weight: float | None = None  # None: DEFAULT_ADAPTER_WEIGHT[method]
     adapter_options: dict | None = None
     bottleneck_dim: int = 128
     head_hidden: int = 128
@@ -102,6 +108,8 @@ class AdaptConfig:
             raise Sim2ObsValueError("batch_size must be >= 4 (adapters compare batches)")
         if not 0.0 < self.val_fraction < 1.0:
             raise Sim2ObsValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.adapter_weight is None:
+            object.__setattr__(self, "adapter_weight", DEFAULT_ADAPTER_WEIGHT[self.method])
         if self.adapter_weight < 0 or self.lr <= 0:
             raise Sim2ObsValueError("adapter_weight must be >= 0 and lr > 0")
         object.__setattr__(self, "labels", tuple(self.labels))
@@ -129,7 +137,10 @@ class Member(nn.Module):
         f = config.bottleneck_dim
         self.bottleneck = nn.Sequential(nn.Linear(embed_dim, f), nn.BatchNorm1d(f), nn.ReLU(inplace=True))
         self.head = GaussianHead(f, n_labels, hidden=config.head_hidden, dropout=config.dropout)
-        self.adapter = adapters.build(config.method, f, n_labels, **config.adapter_options)
+        options = dict(config.adapter_options)
+        if config.method == "jdot":  # balance the feature term (D dims) against the label term (L)
+            options.setdefault("alpha", n_labels / f)
+        self.adapter = adapters.build(config.method, f, n_labels, **options)
 
     def forward(self, e: torch.Tensor):
         f = self.bottleneck(e)
