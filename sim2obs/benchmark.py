@@ -9,7 +9,8 @@ Protocol (``PROTOCOL``, version 1):
   artifacts) and seeing 1.4x worse; split by ``object_id`` into ``target_train`` (70 %, images
   for adaptation; its labels only for the oracle) and ``target_test`` (30 %, scoring only);
 * **encoder**: SimCLR pretrained once on source + ``target_train`` images (no labels);
-* **runs** per seed: ``none`` (source only), each adapter, and the **oracle** (head trained on
+* **runs** per seed: ``none`` (source only), each adapter (its alignment weight chosen from
+  ``WEIGHT_GRID`` by the DEV risk, without target labels), and the **oracle** (head trained on
   ``target_train`` labels), all with the frozen encoder and the same head; scored on
   ``target_test``: NMAD, bias, R^2 and 68 % coverage for ``log_mstar``, ``log_ssfr``,
   ``redshift``; gap metrics (domain-classifier AUC, Sinkhorn divergence) between source and
@@ -38,7 +39,7 @@ from sim2obs._atomic import atomic_output
 from sim2obs.errors import Sim2ObsValueError
 
 PROTOCOL = {
-    "version": 1,
+    "version": 2,  # 2: adapter weights chosen by DEV from WEIGHT_GRID
     "survey": "hsc",
     "redshift_range": [0.05, 0.4],
     "source": {"universe_seed": 0, "render_seed": 0, "realism": "basic", "psf_fwhm_scale": 1.0},
@@ -48,6 +49,10 @@ PROTOCOL = {
     "labels": ["log_mstar", "log_ssfr", "redshift"],
     "label_efficiency_sizes": [10, 100, 1000],
 }
+
+#: Alignment weights tried per adapter, in units of its default weight; the one with the lowest
+#: DEV risk (an estimate of the target risk that needs no target labels, You et al. 2019) is kept.
+WEIGHT_GRID = (1.0, 3.0, 10.0, 30.0)
 
 #: Published reference points printed beside our table (not reproduced here).
 REFERENCES = [
@@ -152,7 +157,7 @@ def run_benchmark(out: str | Path, seeds: int = 3, methods=None, quick: bool = F
                   log: Callable[[str], None] | None = None, sizes: BenchSizes | None = None) -> dict:
     """Run the protocol; write ``out/results.json`` and ``out/results.md``; return the results."""
     from sim2obs.adapters import METHODS
-    from sim2obs.adapters.loop import AdaptConfig, adapt
+    from sim2obs.adapters.loop import DEFAULT_ADAPTER_WEIGHT, AdaptConfig, adapt
     from sim2obs.infer import predict, scores
     from sim2obs.pretrain.train import CHECKPOINT, PretrainConfig, load_checkpoint, pretrain
 
@@ -184,25 +189,33 @@ def run_benchmark(out: str | Path, seeds: int = 3, methods=None, quick: bool = F
     runs: dict[str, list[dict]] = {}
     for seed in range(seeds):
         for m in ["none", *methods, "oracle"]:
-            run = out / "runs" / f"{m}_seed{seed}"
             oracle = m == "oracle"
-            cfg = AdaptConfig(method="none" if oracle else m, labels=labels, epochs=sizes.adapt_epochs,
-                              batch_size=128 if not quick else 32, seed=seed,
-                              selection="source-val" if oracle else "dev")
             t = time.perf_counter()
-            if not (run / "summary.json").exists():
-                import shutil
+            grid = [None] if m in ("none", "oracle") else [w * DEFAULT_ADAPTER_WEIGHT[m] for w in WEIGHT_GRID]
+            candidates = []
+            for w in grid:
+                run = out / "runs" / (f"{m}_seed{seed}" if w is None else f"{m}_w{w:g}_seed{seed}")
+                cfg = AdaptConfig(method="none" if oracle else m, labels=labels,
+                                  epochs=sizes.adapt_epochs, batch_size=128 if not quick else 32,
+                                  seed=seed, adapter_weight=w,
+                                  selection="source-val" if oracle else "dev")
+                if not (run / "summary.json").exists():
+                    import shutil
 
-                shutil.rmtree(run, ignore_errors=True)
-                adapt(pre, data["target_train"] if oracle else data["source"], data["target_train"],
-                      run, cfg, device=device, progress=False)
+                    shutil.rmtree(run, ignore_errors=True)
+                    adapt(pre, data["target_train"] if oracle else data["source"],
+                          data["target_train"], run, cfg, device=device, progress=False)
+                summary = json.loads((run / "summary.json").read_text())
+                candidates.append((summary["selected_epoch_metrics"]["dev_risk"], w, run))
+            dev, w, run = min(candidates, key=lambda c: c[0])  # the weight DEV prefers (no target labels)
             sc = scores(predict(run, [data["target_test"]], progress=False))
-            res = {"scores": sc, "seconds": time.perf_counter() - t}
+            res = {"scores": sc, "seconds": time.perf_counter() - t, "adapter_weight": w,
+                   "dev_risk": dev, "dev_by_weight": {f"{c[1]:g}": c[0] for c in candidates if c[1]}}
             if m == "none":
                 res["gap"] = _gap(*before, seed)
             res["gap_after"] = _gap(_features(run, data["source"]), _features(run, data["target_test"]), seed)
             runs.setdefault(m, []).append(res)
-            log(f"seed {seed} {m:>9}: " + ", ".join(
+            log(f"seed {seed} {m:>9}" + (f" (weight {w:g} by DEV)" if w else "") + ": " + ", ".join(
                 f"{k} NMAD {v['nmad']:.3f}" for k, v in sc.items()) +
                 f"; AUC after {res['gap_after']['c2st_auc']:.3f}")
 
@@ -310,6 +323,10 @@ def results_markdown(r: dict) -> str:
                      f" | {pm(d['gap_after.c2st_auc'])} | {pm(d['gap_after.sinkhorn'])} |")
     lines += ["", "Fraction of the none → oracle gap in log_mstar NMAD closed: " +
               ", ".join(f"{m} {v:+.0%}" for m, v in r["closure"].items()), ""]
+    if "runs" in r:
+        lines += ["Alignment weights chosen by DEV (per seed): " + "; ".join(
+            f"{m} " + "/".join(f"{x['adapter_weight']:g}" for x in rs)
+            for m, rs in r["runs"].items() if rs and rs[0].get("adapter_weight")), ""]
     if r.get("label_efficiency"):
         eff = r["label_efficiency"]
         ns = list(next(iter(eff.values())))
