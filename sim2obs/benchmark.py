@@ -44,6 +44,8 @@ PROTOCOL = {
     "redshift_range": [0.05, 0.4],
     "source": {"universe_seed": 0, "render_seed": 0, "realism": "basic", "psf_fwhm_scale": 1.0},
     "target": {"universe_seed": 1, "render_seed": 1, "realism": "observed", "psf_fwhm_scale": 1.4},
+    # each mini-universe holds 1.25 n + 8 galaxies; the first n passing the selection are rendered
+    "universe_size": {"factor": 1.25, "extra": 8},
     "target_test_fraction": 0.3,
     "split_seed": 2026,
     "labels": ["log_mstar", "log_ssfr", "redshift"],
@@ -88,9 +90,12 @@ def prepare_data(out: Path, sizes: BenchSizes, workers: int, progress: bool, log
     paths = {}
     for dom, n in (("source", sizes.n_source), ("target", sizes.n_target)):
         p = PROTOCOL[dom]
-        uni = _universe(out / f"universe_n{n}_seed{p['universe_seed']}", n, p["universe_seed"], progress)
+        size = int(n * PROTOCOL["universe_size"]["factor"]) + PROTOCOL["universe_size"]["extra"]
+        uni = _universe(out / f"universe_n{n}_seed{p['universe_seed']}", size, p["universe_seed"],
+                        progress)
         log(f"render {n} {dom} galaxies ({p['realism']}, seeing x{p['psf_fwhm_scale']})")
-        paths[dom] = _render_protocol(uni, n, out / dom, sizes, dom, workers, progress, log, _render)
+        paths[dom] = _render(uni, n, out / dom, sizes.stamp, p["render_seed"], p["realism"],
+                             p["psf_fwhm_scale"], workers, progress, log)
     tt, te = out / "target_train", out / "target_test"
     if not (any(tt.glob("*.h5")) and any(te.glob("*.h5"))):
         s = read_folder(paths["target"], with_noiseless=False)
@@ -100,15 +105,6 @@ def prepare_data(out: Path, sizes: BenchSizes, workers: int, progress: bool, log
             write_shard(d / shard_filename("hsc", 0), subset(s, np.flatnonzero(m)))
     paths["target_train"], paths["target_test"] = tt, te
     return paths
-
-
-def _render_protocol(uni, n, out, sizes, dom, workers, progress, log, render) -> Path:
-    from sim2obs.demo import DemoSizes
-
-    p = PROTOCOL[dom]
-    ds = DemoSizes(n_source=max(n, 32), n_target=max(n, 32), stamp=sizes.stamp)
-    assert p["psf_fwhm_scale"] in (1.0, 1.4)  # the demo's render helper knows these two settings
-    return render(uni, n, out, ds, p["render_seed"], p["realism"] == "observed", workers, progress, log)
 
 
 def _random_init_run(pre: Path, out: Path, seed: int = 0) -> Path:

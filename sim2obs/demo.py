@@ -58,16 +58,21 @@ QUICK = DemoSizes(n_source=96, n_target=64, stamp=56, pretrain_epochs=3, adapt_e
                   batch_size=32, n_boot=10, n_perm=20, n_morph=12)
 
 
-def _universe(path: Path, n: int, seed: int, progress: bool) -> Path:
+def _universe(path: Path, n_galaxies: int, seed: int, progress: bool) -> Path:
     from sim2obs.forward_models.simulations.mini import build_mini_universe
 
-    # a few spare galaxies in case some fall below the default selection (M* > 1e9 Msun, 100
-    # star particles; none did in 1,266 demo galaxies)
-    return build_mini_universe(path, n_galaxies=int(n * 1.05) + 4, seed=seed, progress=progress)
+    return build_mini_universe(path, n_galaxies=n_galaxies, seed=seed, progress=progress)
 
 
-def _render(universe: Path, n: int, out: Path, sizes: DemoSizes, seed: int, observed: bool,
-            workers: int, progress: bool, log) -> Path:
+def _demo_universe_size(n: int) -> int:
+    """A few spare galaxies in case some fall below the default selection (M* > 1e9 Msun, 100
+    star particles; none did in 1,266 demo galaxies)."""
+    return int(n * 1.05) + 4
+
+
+def _render(universe: Path, n: int, out: Path, stamp: int, seed: int, realism: str,
+            psf_fwhm_scale: float, workers: int, progress: bool, log) -> Path:
+    """Render the first ``n`` galaxies of a mini-universe as HSC cutouts into ``out`` (resumes)."""
     import numpy as np
 
     from sim2obs.forward_models.pipeline import RenderJob, render_to_shards
@@ -77,9 +82,8 @@ def _render(universe: Path, n: int, out: Path, sizes: DemoSizes, seed: int, obse
     from sim2obs.forward_models.surveys import get_survey
 
     config = RenderConfig(
-        stamp=sizes.stamp, redshift_range=REDSHIFT_RANGE, store_noiseless=False,
-        psf_fwhm_scale=TARGET_PSF_SCALE if observed else 1.0,
-        realism=RealismConfig.from_level("observed" if observed else "basic"),
+        stamp=stamp, redshift_range=REDSHIFT_RANGE, store_noiseless=False,
+        psf_fwhm_scale=psf_fwhm_scale, realism=RealismConfig.from_level(realism),
     )
     source = open_source(f"tng:{universe}", progress=progress)
     ids = np.asarray(source.ids())[:n]
@@ -140,15 +144,18 @@ def run_demo(out: str | Path = "demo", quick: bool = False, method: str = "sinkh
         return time.perf_counter()
 
     t = step(1, f"mini-universes: source (seed {seed}) and target (seed {seed + 1})")
-    uni_s = _universe(out / f"universe_n{sizes.n_source}_seed{seed}", sizes.n_source, seed, progress)
-    uni_t = _universe(out / f"universe_n{sizes.n_target}_seed{seed + 1}", sizes.n_target, seed + 1,
-                      progress)
+    uni_s = _universe(out / f"universe_n{sizes.n_source}_seed{seed}",
+                      _demo_universe_size(sizes.n_source), seed, progress)
+    uni_t = _universe(out / f"universe_n{sizes.n_target}_seed{seed + 1}",
+                      _demo_universe_size(sizes.n_target), seed + 1, progress)
     times["universes"] = time.perf_counter() - t
 
     t = step(2, f"render {sizes.n_source} source (basic) and {sizes.n_target} pseudo-real target "
                 f"(observed, seeing x{TARGET_PSF_SCALE}) HSC cutouts")
-    src = _render(uni_s, sizes.n_source, out / "mocks_source", sizes, seed, False, workers, progress, log)
-    tgt = _render(uni_t, sizes.n_target, out / "mocks_target", sizes, seed + 1, True, workers, progress, log)
+    src = _render(uni_s, sizes.n_source, out / "mocks_source", sizes.stamp, seed, "basic", 1.0,
+                  workers, progress, log)
+    tgt = _render(uni_t, sizes.n_target, out / "mocks_target", sizes.stamp, seed + 1, "observed",
+                  TARGET_PSF_SCALE, workers, progress, log)
     image_grid(read_folder(src, with_noiseless=False), figs / "grid_source.png", n=16, per_band=False,
                title="source: mini-universe, HSC basic")
     image_grid(read_folder(tgt, with_noiseless=False), figs / "grid_target.png", n=16, per_band=False,
