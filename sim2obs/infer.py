@@ -1,7 +1,8 @@
 """Stellar-population inference with an adapted run: estimates with calibrated 68 % intervals.
 
 :func:`predict` returns, per galaxy and label, the ensemble mean and the 16th/84th percentiles
-of the (mixture) predictive distribution with the run's calibrated sigma factor.
+of the (mixture) predictive distribution, its distances from the mean stretched by the run's
+calibration factor for that interval (68 % or 95 %).
 :func:`infer` writes them as the predictions CSV of ``DESIGN.md`` (``object_id``, then per label
 ``NAME``, ``NAME_p16``, ``NAME_p84``, and ``NAME_true`` when the input has truth), optionally a
 FITS table, and -- when truth is present -- scores (bias, NMAD, outlier fraction, R^2, the
@@ -20,11 +21,16 @@ import torch
 from sim2obs._atomic import atomic_output
 from sim2obs.data.dataset import ShardDataset
 from sim2obs.errors import Sim2ObsValueError
-from sim2obs.heads import LabelScaler, interval_coverage, mixture_moments, mixture_quantiles
+from sim2obs.heads import (
+    INTERVALS,
+    LabelScaler,
+    interval_coverage,
+    mixture_moments,
+    mixture_quantiles,
+)
 
 #: Percentiles of a Gaussian at -1 and +1 sigma (Phi(-1), Phi(1)), and at -2 and +2 sigma.
-P16, P84 = 0.15865525393145707, 0.8413447460685429
-P02, P98 = 0.022750131948179195, 0.9772498680518208
+(P16, P84), (P02, P98) = INTERVALS["68"], INTERVALS["95"]
 
 
 @dataclass(frozen=True)
@@ -59,14 +65,14 @@ def predict(run_dir: str | Path, folders, device: str = "cpu", batch_size: int =
     """Predictions of the adapted run ``run_dir`` for every galaxy of the shard ``folders``."""
     from tqdm.auto import tqdm
 
-    from sim2obs.adapters.loop import load_adapted
+    from sim2obs.adapters.loop import interval_scales, load_adapted
     from sim2obs.pretrain.evaluate import folder_labels
 
     model, ckpt = load_adapted(run_dir)
     dev = torch.device(device)
     model = model.to(dev)
     scaler = LabelScaler.from_dict(ckpt["label_scaler"])
-    scale = ckpt["sigma_scale"].numpy()
+    scale = interval_scales(ckpt)
     ds = ShardDataset(folders, bands=model.normalizer.bands)
     run_stamp = ckpt.get("stamp")
     if run_stamp is not None and tuple(run_stamp) != ds.stamp:
@@ -81,9 +87,12 @@ def predict(run_dir: str | Path, folders, device: str = "cpu", batch_size: int =
     mu, sigma = np.concatenate(mus, 1), np.concatenate(sigmas, 1)
     mean, _ = mixture_moments(mu, sigma)
 
-    def q(p: float) -> np.ndarray:  # calibrated: distances from the mean scaled by sigma_scale
-        return scaler.inverse_mean(mean + scale * (mixture_quantiles(mu, sigma, p) - mean))
+    def q(p: float, lvl: str) -> np.ndarray:  # calibrated: distances from the mean scaled per level
+        return scaler.inverse_mean(mean + scale[lvl] * (mixture_quantiles(mu, sigma, p) - mean))
 
+    p16, p84 = q(P16, "68"), q(P84, "68")
+    # the levels are calibrated separately; keep the 95 % interval around the 68 % one
+    p02, p98 = np.minimum(q(P02, "95"), p16), np.maximum(q(P98, "95"), p84)
     have = folder_labels(ds)
     truth = np.stack([have[n].astype(np.float64) if n in have else np.full(len(ds), np.nan)
                       for n in scaler.names], axis=1)
@@ -93,8 +102,7 @@ def predict(run_dir: str | Path, folders, device: str = "cpu", batch_size: int =
         units = {n: str(f["labels"][n].attrs.get("unit", "")) for n in scaler.names if n in f["labels"]}
     ds.close()
     return Predictions(object_id=ds.object_id.copy(), labels=scaler.names, units=units,
-                       mean=scaler.inverse_mean(mean), p16=q(P16), p84=q(P84), p02=q(P02),
-                       p98=q(P98), truth=truth)
+                       mean=scaler.inverse_mean(mean), p16=p16, p84=p84, p02=p02, p98=p98, truth=truth)
 
 
 def scores(pred: Predictions) -> dict[str, dict[str, float]]:

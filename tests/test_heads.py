@@ -1,5 +1,5 @@
 """Heads: Gaussian NLL against its closed form, NaN masking, label scaling, ensemble mixtures,
-sigma calibration."""
+per-level (conformal) interval calibration."""
 
 import math
 
@@ -9,9 +9,11 @@ import torch
 
 from sim2obs.errors import Sim2ObsDataError, Sim2ObsValueError
 from sim2obs.heads import (
+    INTERVALS,
+    NOMINAL,
     GaussianHead,
     LabelScaler,
-    fit_sigma_scale,
+    conformal_interval_scale,
     gaussian_nll,
     interval_coverage,
     mixture_moments,
@@ -79,12 +81,42 @@ def test_mixture_of_one_is_the_gaussian_and_quantiles_match():
     assert mixture_quantiles(mu2, sd2, 0.5)[0, 0] == pytest.approx(0.0, abs=1e-9)
 
 
-def test_sigma_scale_restores_coverage():
+def test_conformal_scale_calibrates_each_level_of_heavy_tailed_residuals():
+    # Student-t (3 dof) residuals with unit "sigma": the raw +-1 / +-2 sigma intervals cover
+    # ~0.61 / ~0.86, and no single factor fixes both levels. One factor per level does.
     rng = np.random.default_rng(1)
-    y = rng.normal(0, 2.0, (20000, 1))
-    mu = np.zeros_like(y)
-    sd = np.ones_like(y)  # over-confident by a factor 2
-    s = fit_sigma_scale(y, mu, sd)
-    assert s[0] == pytest.approx(2.0, rel=0.02)
-    cov = interval_coverage(y, mu - s * sd, mu + s * sd)
-    assert cov[0] == pytest.approx(0.6827, abs=0.01)
+
+    def draw(n):
+        return rng.standard_t(3, (n, 1)), np.zeros((n, 1)), np.ones((n, 1))
+
+    y, c, sd = draw(3000)
+    y_new, c_new, sd_new = draw(50000)
+    factors = {}
+    for lvl, k in (("68", 1.0), ("95", 2.0)):
+        factors[lvl] = conformal_interval_scale(y, c, c - k * sd, c + k * sd, NOMINAL[lvl])
+        s = factors[lvl]
+        cov = interval_coverage(y_new, c_new - s * k * sd_new, c_new + s * k * sd_new)
+        assert cov[0] == pytest.approx(NOMINAL[lvl], abs=0.015)  # ~3 sigma of a 3000-point fit
+    # t3 (scipy.stats.t.ppf): |t| quantiles 1.20 (68 %) and 3.31 (95 %) -> factors 1.20 and 1.65
+    assert factors["68"][0] == pytest.approx(1.20, abs=0.06)
+    assert factors["95"][0] == pytest.approx(1.65, abs=0.12)  # no single factor fits both
+    assert NOMINAL["68"] == pytest.approx(0.6827, abs=1e-4) and NOMINAL["95"] == pytest.approx(0.9545, abs=1e-4)
+    assert INTERVALS["68"][0] == pytest.approx(0.158655, abs=1e-6)
+
+
+def test_conformal_scale_hand_computed_order_statistic_and_asymmetric_bounds():
+    # centre 0, upper half-width 2, lower half-width 1: scores are y/2 above, -y below.
+    y = np.array([[1.0], [-0.5], [4.0], [-3.0], [0.2], [-0.1], [2.0], [-2.0], [6.0], [-1.0]])
+    c, lo, hi = np.zeros_like(y), -np.ones_like(y), 2 * np.ones_like(y)
+    # scores: 0.5 0.5 2 3 0.1 0.1 1 2 3 1 -> sorted 0.1 0.1 0.5 0.5 1 1 2 2 3 3
+    # level 0.5, n = 10: k = ceil(11 * 0.5) = 6 -> 1.0; level 0.7: k = ceil(7.7) = 8 -> 2.0
+    assert conformal_interval_scale(y, c, lo, hi, 0.5)[0] == pytest.approx(1.0)
+    assert conformal_interval_scale(y, c, lo, hi, 0.7)[0] == pytest.approx(2.0)
+    assert conformal_interval_scale(y, c, lo, hi, 0.99)[0] == pytest.approx(3.0)  # k > n: largest
+    y_nan = y.copy()
+    y_nan[:2] = np.nan  # 8 finite < min_n = 10: left uncalibrated
+    assert conformal_interval_scale(y_nan, c, lo, hi, 0.5)[0] == 1.0
+    with pytest.raises(Sim2ObsValueError, match="level"):
+        conformal_interval_scale(y, c, lo, hi, 1.0)
+    with pytest.raises(Sim2ObsValueError, match="either side"):
+        conformal_interval_scale(y, c, c, hi, 0.5)

@@ -49,6 +49,29 @@ def test_predictions_and_files(adapted, tmp_path):
     assert np.array_equal(again.mean, pred.mean)
 
 
+def test_intervals_use_the_factor_of_their_own_level(adapted, tmp_path):
+    """p16/p84 are stretched by the 68 % factor, p02/p98 by the 95 % one."""
+    import shutil
+
+    import torch
+
+    run, tgt = adapted
+    runs = {}
+    for tag, table in (("one", [[1.0, 1.0], [1.0, 1.0]]), ("mixed", [[2.0, 0.5], [3.0, 1.5]])):
+        copy = tmp_path / tag
+        shutil.copytree(run, copy)
+        ckpt = torch.load(copy / "checkpoint.pt", weights_only=True)
+        ckpt["interval_scale"] = torch.tensor(table, dtype=torch.float64)
+        torch.save(ckpt, copy / "checkpoint.pt")
+        runs[tag] = predict(copy, [tgt], progress=False)
+    one, mixed = runs["one"], runs["mixed"]
+    assert np.array_equal(one.mean, mixed.mean)
+    f68, f95 = np.array([2.0, 0.5]), np.array([3.0, 1.5])
+    assert np.allclose(mixed.p84 - mixed.mean, f68 * (one.p84 - one.mean), rtol=1e-9, atol=1e-12)
+    assert np.allclose(mixed.mean - mixed.p16, f68 * (one.mean - one.p16), rtol=1e-9, atol=1e-12)
+    assert np.allclose(mixed.p98 - mixed.mean, f95 * (one.p98 - one.mean), rtol=1e-9, atol=1e-12)
+
+
 def test_scores_hand_check():
     truth = np.array([[1.0], [2.0], [3.0], [4.0]])
     mean = truth + np.array([[0.1], [-0.1], [0.1], [0.5]])

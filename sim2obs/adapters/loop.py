@@ -18,9 +18,9 @@ the bottleneck features, with the control variate of Deep Embedded Validation (D
 with the lowest DEV risk is kept (``selection='source-val'`` uses the plain source-validation NLL).
 Target labels, when the target folder has them, are only *reported* (``target_*`` columns).
 
-After training, the 68 %/95 % intervals are calibrated on one half of the source-validation set
-(one sigma factor per label, :func:`sim2obs.heads.fit_sigma_scale`) and their coverage reported
-on the other half.
+After training, the 68 % and 95 % intervals are calibrated on the source-validation set by split
+conformal prediction (one factor per label and level, :func:`sim2obs.heads.conformal_interval_scale`);
+their held-out coverage is reported cross-fitted over two halves of that set.
 
 Run folder (as for pretraining): ``checkpoint.pt`` (``weights_only=True``-loadable, written
 atomically every epoch; ``resume=True`` continues and gives the same weights on CPU),
@@ -45,12 +45,14 @@ from sim2obs._atomic import atomic_output
 from sim2obs.data.dataset import Normalizer, ShardDataset
 from sim2obs.errors import Sim2ObsDataError, Sim2ObsValueError
 from sim2obs.heads import (
+    INTERVALS,
+    NOMINAL,
     GaussianHead,
     LabelScaler,
-    fit_sigma_scale,
+    conformal_interval_scale,
     gaussian_nll,
-    interval_coverage,
     mixture_moments,
+    mixture_quantiles,
 )
 
 CHECKPOINT = "checkpoint.pt"
@@ -62,8 +64,6 @@ DEFAULT_ADAPTER_WEIGHT = {"none": 0.0, "dann": 1.0, "cdan": 1.0, "sinkhorn": 1.0
                           "coral": 1000.0, "jdot": 1.0}
 FINETUNE = ("none", "last", "all")
 SELECTION = ("dev", "source-val", "last")
-#: z-values of the central 68.27 % and 95.45 % intervals of a Gaussian (1 and 2 sigma).
-Z68, Z95 = 1.0, 2.0
 
 
 @dataclass(frozen=True)
@@ -352,7 +352,7 @@ def adapt(pretrained: str | Path, source, target, out_dir: str | Path,
         if ckpt.get("kind") != "adapt":
             raise Sim2ObsValueError(f"'{out}' is not an adaptation run")
         config = AdaptConfig.from_dict(ckpt["config"])
-        if ckpt["epoch"] + 1 >= config.epochs and "sigma_scale" in ckpt:
+        if ckpt["epoch"] + 1 >= config.epochs and _finished(ckpt):
             log(f"'{out}' is already complete ({config.epochs} epochs)")
             return out
     elif (out / CHECKPOINT).exists():
@@ -506,7 +506,7 @@ def adapt(pretrained: str | Path, source, target, out_dir: str | Path,
             break
     bar.close()
     final = _load(out)
-    if "sigma_scale" in final:
+    if _finished(final):
         summary = {"method": config.method, "selected_epoch": final["selected_epoch"],
                    "selection": config.selection, "calibration": final["calibration"],
                    "pretrained": pretrained_id, "final_epoch_metrics": history[-1],
@@ -542,32 +542,67 @@ def _evaluate(model, inputs, ys_train, ys_val, y_tgt, scaler, config, dev) -> di
 
 
 def _finish(model, best, val_inputs, y_val, scaler, config, dev, log) -> dict:
-    """Load the selected epoch's weights, calibrate sigma on half of the source-validation set and
-    report the interval coverage on the other half."""
+    """Load the selected epoch's weights and calibrate the 68 % and 95 % intervals on the
+    source-validation set (split conformal, one factor per label and level,
+    :func:`sim2obs.heads.conformal_interval_scale`).
+
+    The reported held-out coverage is cross-fitted: the factors fitted on one half of the
+    validation set are scored on the other half and vice versa; the factors kept are those
+    fitted on the whole set."""
     from sim2obs.data.dataset import split_of
 
     model.load_state_dict(best["model"])
     _, mu, sg = _predict_inputs(model, val_inputs, dev)
-    mean, sd = mixture_moments(mu, sg)
+    mean, _ = mixture_moments(mu, sg)
     ys = scaler.transform(y_val)
-    half = split_of(val_inputs.ds.object_id, 0.5, seed=config.seed + 1)  # calibration half
-    scale = fit_sigma_scale(ys[half], mean[half], sd[half])
-    test = ~half
-    cal = {}
-    for tag, s in (("raw", np.ones_like(scale)), ("calibrated", scale)):
-        c68 = interval_coverage(ys[test], mean[test] - Z68 * s * sd[test], mean[test] + Z68 * s * sd[test])
-        c95 = interval_coverage(ys[test], mean[test] - Z95 * s * sd[test], mean[test] + Z95 * s * sd[test])
-        cal[tag] = {name: {"coverage_68": float(c68[j]), "coverage_95": float(c95[j])}
-                    for j, name in enumerate(config.labels)}
-    cal["sigma_scale"] = {name: float(scale[j]) for j, name in enumerate(config.labels)}
-    cal["n_calibration"], cal["n_test"] = int(half.sum()), int(test.sum())
-    cal["nominal"] = {"coverage_68": 0.6827, "coverage_95": 0.9545}
+    bounds = {lvl: (mixture_quantiles(mu, sg, plo), mixture_quantiles(mu, sg, phi))
+              for lvl, (plo, phi) in INTERVALS.items()}
+    half = split_of(val_inputs.ds.object_id, 0.5, seed=config.seed + 1)
+
+    def fit(lvl: str, rows: np.ndarray) -> np.ndarray:
+        lo, hi = bounds[lvl]
+        return conformal_interval_scale(ys[rows], mean[rows], lo[rows], hi[rows], NOMINAL[lvl])
+
+    def covered(lvl: str, s: np.ndarray, rows: np.ndarray) -> np.ndarray:  # [n_rows, L], NaN unknown
+        lo, hi = bounds[lvl]
+        m, y = mean[rows], ys[rows]
+        inside = (y >= m - s * (m - lo[rows])) & (y <= m + s * (hi[rows] - m))
+        return np.where(np.isfinite(y), inside.astype(float), np.nan)
+
+    every = np.ones(len(ys), bool)
+    scales = {lvl: fit(lvl, every) for lvl in INTERVALS}
+    cal: dict = {"raw": {}, "calibrated": {}}
+    for lvl in INTERVALS:
+        raw = covered(lvl, np.ones(len(config.labels)), every)
+        crossed = np.concatenate([covered(lvl, fit(lvl, a), ~a) for a in (half, ~half)])
+        for j, name in enumerate(config.labels):
+            cal["raw"].setdefault(name, {})[f"coverage_{lvl}"] = float(np.nanmean(raw[:, j]))
+            cal["calibrated"].setdefault(name, {})[f"coverage_{lvl}"] = float(np.nanmean(crossed[:, j]))
+    cal["interval_scale"] = {lvl: {name: float(scales[lvl][j]) for j, name in enumerate(config.labels)}
+                             for lvl in INTERVALS}
+    cal["n_validation"] = int(len(ys))
+    cal["method"] = "split conformal, cross-fitted coverage on two halves of source validation"
+    cal["nominal"] = {f"coverage_{lvl}": NOMINAL[lvl] for lvl in INTERVALS}
     log(f"selected epoch {best['epoch']} ({config.selection}); held-out source coverage of the "
         "68 % / 95 % intervals: " + ", ".join(
             f"{n} {cal['calibrated'][n]['coverage_68']:.2f} / {cal['calibrated'][n]['coverage_95']:.2f}"
             for n in config.labels))
     return {"model": best["model"], "selected_epoch": int(best["epoch"]),
-            "sigma_scale": torch.tensor(scale, dtype=torch.float64), "calibration": cal}
+            "interval_scale": torch.tensor(np.stack([scales[lvl] for lvl in INTERVALS]), dtype=torch.float64),
+            "calibration": cal}
+
+
+def interval_scales(ckpt: dict) -> dict[str, np.ndarray]:
+    """The calibration factors of a finished run per interval (``'68'``, ``'95'``) -> ``[L]``.
+    Runs written before per-level calibration hold one ``sigma_scale`` used for both."""
+    if "interval_scale" in ckpt:
+        table = ckpt["interval_scale"].numpy()
+        return {lvl: table[i] for i, lvl in enumerate(INTERVALS)}
+    return {lvl: ckpt["sigma_scale"].numpy() for lvl in INTERVALS}
+
+
+def _finished(ckpt: dict) -> bool:
+    return "interval_scale" in ckpt or "sigma_scale" in ckpt
 
 
 def _write_metrics(path: Path, history: list[dict]) -> None:
@@ -587,13 +622,13 @@ def _write_metrics(path: Path, history: list[dict]) -> None:
 
 def load_adapted(run_dir: str | Path, ckpt: dict | None = None) -> tuple[AdaptedModel, dict]:
     """The adapted model of a finished run (selected epoch's weights, eval mode, CPU) and its
-    checkpoint (``sigma_scale``, ``label_scaler``, ``config``, ...)."""
+    checkpoint (``interval_scale``, ``label_scaler``, ``config``, ...)."""
     from sim2obs import encoders
 
     ckpt = ckpt if ckpt is not None else _load(Path(run_dir))
     if ckpt.get("kind") != "adapt":
         raise Sim2ObsValueError(f"'{run_dir}' is not an adaptation run (make one with `sim2obs adapt`)")
-    if "sigma_scale" not in ckpt:
+    if not _finished(ckpt):
         raise Sim2ObsValueError(f"'{run_dir}' has not finished training; continue it with "
                                 f"`sim2obs adapt ... --out {run_dir} --resume`")
     config = AdaptConfig.from_dict(ckpt["config"])

@@ -40,7 +40,14 @@ def test_every_method_runs_and_writes_a_run(domains, tmp_path, method):
         assert "target_nmad_log_mstar" in r  # reported (target has labels), never trained on
     summary = json.loads((out / "summary.json").read_text())
     assert summary["selected_epoch"] in (0, 1)
-    assert set(summary["calibration"]["calibrated"]) == {"log_mstar", "redshift"}
+    cal = summary["calibration"]
+    assert set(cal["calibrated"]) == {"log_mstar", "redshift"}
+    assert ckpt["interval_scale"].shape == (2, 2)  # (68 %, 95 %) x labels, all positive
+    assert bool((ckpt["interval_scale"] > 0).all())
+    for level in ("68", "95"):
+        assert set(cal["interval_scale"][level]) == {"log_mstar", "redshift"}
+        for name in ("log_mstar", "redshift"):
+            assert 0.0 <= cal["calibrated"][name][f"coverage_{level}"] <= 1.0
 
 
 def test_target_labels_do_not_influence_training(domains, tmp_path, make_shards):
