@@ -202,10 +202,12 @@ def run_benchmark(out: str | Path, seeds: int = 3, methods=None, quick: bool = F
                     adapt(pre, data["target_train"] if oracle else data["source"],
                           data["target_train"], run, cfg, device=device, progress=False)
                 summary = json.loads((run / "summary.json").read_text())
-                candidates.append((summary["selected_epoch_metrics"]["dev_risk"], w, run))
-            dev, w, run = min(candidates, key=lambda c: c[0])  # the weight DEV prefers (no target labels)
+                candidates.append((summary["selected_epoch_metrics"]["dev_risk"], w, run,
+                                   summary["calibration"]["calibrated"]))
+            dev, w, run, source_cov = min(candidates, key=lambda c: c[0])  # DEV's pick (no target labels)
             sc = scores(predict(run, [data["target_test"]], progress=False))
-            res = {"scores": sc, "seconds": time.perf_counter() - t, "adapter_weight": w,
+            res = {"scores": sc, "source_coverage": source_cov,
+                   "seconds": time.perf_counter() - t, "adapter_weight": w,
                    "dev_risk": dev, "dev_by_weight": {f"{c[1]:g}": c[0] for c in candidates if c[1]}}
             if m == "none":
                 res["gap"] = _gap(*before, seed)
@@ -282,6 +284,12 @@ def _summarise(runs: dict, labels) -> dict:
             for metric in ("nmad", "bias", "r2", "coverage_68"):
                 vals = [r["scores"][lab][metric] for r in rs if lab in r["scores"]]
                 d[f"{lab}.{metric}"] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))}
+            for level in ("68", "95"):  # held-out source data (cross-fitted calibration)
+                vals = [r["source_coverage"][lab][f"coverage_{level}"] for r in rs
+                        if lab in r.get("source_coverage", {})]
+                if vals:
+                    d[f"{lab}.source_coverage_{level}"] = {"mean": float(np.mean(vals)),
+                                                           "std": float(np.std(vals))}
         d.update({f"gap_after.{k}": v for k, v in _mean_std([r["gap_after"] for r in rs]).items()})
         out[m] = d
     return out
@@ -317,6 +325,15 @@ def results_markdown(r: dict) -> str:
             cells += [pm(d[f"{lab}.nmad"]), pm(d[f"{lab}.bias"]), pm(d[f"{lab}.r2"]), pm(d[f"{lab}.coverage_68"])]
         lines.append(f"| {m} | " + " | ".join(cells) +
                      f" | {pm(d['gap_after.c2st_auc'])} | {pm(d['gap_after.sinkhorn'])} |")
+    if all(f"{lab}.source_coverage_68" in d for d in s.values() for lab in labels):
+        lines += ["", "Interval coverage on held-out *source* data (split-conformal calibration, "
+                  "cross-fitted; nominal 0.683 / 0.954):", "",
+                  "| run | " + " | ".join(f"{lab} cov68 | {lab} cov95" for lab in labels) + " |",
+                  "|---|" + "---|" * (2 * len(labels))]
+        for m, d in s.items():
+            lines.append(f"| {m} | " + " | ".join(
+                f"{pm(d[f'{lab}.source_coverage_68'])} | {pm(d[f'{lab}.source_coverage_95'])}"
+                for lab in labels) + " |")
     lines += ["", "Fraction of the none → oracle gap in log_mstar NMAD closed: " +
               ", ".join(f"{m} {v:+.0%}" for m, v in r["closure"].items()), ""]
     if "runs" in r:

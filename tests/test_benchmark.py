@@ -7,7 +7,8 @@ from sim2obs.benchmark import PROTOCOL, _closure, _summarise, results_markdown
 
 def _run(nmad, auc):
     sc = {lab: {"nmad": nmad, "bias": 0.01, "r2": 0.8, "coverage_68": 0.68} for lab in PROTOCOL["labels"]}
-    return {"scores": sc, "gap_after": {"c2st_auc": auc, "sinkhorn": 0.1}, "gap": {"c2st_auc": 0.8, "sinkhorn": 1.0}}
+    cov = {lab: {"coverage_68": 0.7, "coverage_95": 0.95} for lab in PROTOCOL["labels"]}
+    return {"scores": sc, "source_coverage": cov, "gap_after": {"c2st_auc": auc, "sinkhorn": 0.1}, "gap": {"c2st_auc": 0.8, "sinkhorn": 1.0}}
 
 
 def test_summary_closure_and_table():
@@ -24,6 +25,8 @@ def test_summary_closure_and_table():
          "references": ["x"], "seconds": 60}
     md = results_markdown(r)
     assert "| sinkhorn | 0.260 ± 0.010" in md and "+50%" in md and "| scratch | 0.500 | 0.350 |" in md
+    assert s["sinkhorn"]["redshift.source_coverage_95"]["mean"] == pytest.approx(0.95)
+    assert "held-out *source* data" in md and "| oracle | 0.700 ± 0.000 | 0.950 ± 0.000 |" in md
 
 
 def test_closure_undefined_without_a_gap():
