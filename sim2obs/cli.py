@@ -674,6 +674,16 @@ def _usage(msg: str) -> _UsageError:
     return _UsageError(msg)
 
 
+def set_threads(n: int) -> None:
+    """Limit this process to ``n`` CPU threads: PyTorch's intra-op pool and the BLAS/OpenMP pools
+    of NumPy, SciPy and GalSim (threadpoolctl). Rendering pool workers still use one each."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(n)
+    threadpool_limits(limits=n)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sim2obs",
@@ -684,6 +694,11 @@ def build_parser() -> argparse.ArgumentParser:
     from sim2obs import __version__
 
     parser.add_argument("--version", action="version", version=f"sim2obs {__version__}")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for PyTorch and NumPy/SciPy in this process (default: "
+                             "their own choice, usually one per core). Set it on a shared machine "
+                             "or when running several jobs at once: oversubscribed threads can "
+                             "make training many times slower. Rendering workers always use one.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_mini(sub)
     _add_render(sub)
@@ -712,6 +727,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        set_threads(args.threads)
     try:
         return int(args.func(args) or 0)
     except Sim2ObsError as exc:

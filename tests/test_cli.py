@@ -63,3 +63,22 @@ def test_errors_are_clear(tiny_universe, tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
+
+
+def test_threads_option_limits_torch_and_blas(tiny_universe, tmp_path):
+    import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    before = torch.get_num_threads()
+    try:
+        with threadpool_limits(limits=None):  # restores the BLAS pools afterwards
+            # any command: the limits are set before it runs (this one fails cleanly, no folder)
+            assert main(["--threads", "1", "manifest", str(tiny_universe / "none"), "--rebuild"]) in (0, 1)
+            assert torch.get_num_threads() == 1
+            assert all(p["num_threads"] == 1 for p in threadpool_info())
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--threads", "x", "render"])
+    with pytest.raises(SystemExit):
+        main(["--threads", "0", "manifest", str(tmp_path)])
