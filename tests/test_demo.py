@@ -47,3 +47,24 @@ def test_rerun_reuses_stages(demo_dir):
 def test_sizes_validated():
     with pytest.raises(ValueError):
         DemoSizes(n_source=4)
+
+
+def test_universes_built_concurrently_have_the_same_bytes(tmp_path):
+    import hashlib
+
+    from sim2obs.demo import _universe, _universes
+
+    def digest(folder):
+        h = hashlib.sha256()
+        files = sorted(folder.rglob("*.hdf5"))
+        assert len(files) >= 3  # group catalogue, snapshot chunks, offsets
+        for p in files:
+            h.update(p.read_bytes())
+        return h.hexdigest()
+
+    specs = [(tmp_path / "par_a", 4, 0), (tmp_path / "par_b", 3, 1)]
+    par = _universes(specs, workers=2, progress=False)
+    seq = [_universe(tmp_path / "seq_a", 4, 0, False), _universe(tmp_path / "seq_b", 3, 1, False)]
+    assert par == [tmp_path / "par_a", tmp_path / "par_b"]
+    assert [digest(p) for p in par] == [digest(p) for p in seq]
+    assert digest(par[0]) != digest(par[1])
