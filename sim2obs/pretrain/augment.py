@@ -188,22 +188,39 @@ class RandomRot90Flip(Augmentation):
 
     geometric = True
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._perms: dict[tuple, Tensor] = {}  # (H, W, device) -> (8, H*W) source-pixel tables
+
+    def _perm_table(self, h: int, w: int, device: torch.device) -> Tensor:
+        """Row c: the flat source index of every output pixel under symmetry c (c >= 4:
+        mirrored, then rotated by (c % 4) * 90 deg); odd c only for square stamps. Cached."""
+        key = (h, w, device)
+        table = self._perms.get(key)
+        if table is None:
+            grid = torch.arange(h * w).view(h, w)
+            rows = []
+            for c in range(8):
+                if h != w and c % 2:
+                    rows.append(torch.zeros(h * w, dtype=torch.long))  # never drawn (shape change)
+                    continue
+                g = grid.flip(-1) if c >= 4 else grid
+                rows.append(torch.rot90(g, c % 4, dims=(-2, -1)).reshape(-1))
+            table = torch.stack(rows).to(device)
+            self._perms[key] = table
+        return table
+
     def forward(self, x: Tensor, generator: torch.Generator | None = None, **context) -> Tensor:
         _check_batch(x, "RandomRot90Flip")
-        square = x.shape[-1] == x.shape[-2]
-        code = _randint(8 if square else 4, (x.shape[0],), generator, x.device)
+        n, b, h, w = x.shape
+        square = h == w
+        code = _randint(8 if square else 4, (n,), generator, x.device)
         if not square:
             code = code * 2  # 0, 2, 4, 6: k in {0, 2}, with or without flip
-        out = torch.empty_like(x)
-        for c in range(8):
-            idx = (code == c).nonzero().squeeze(1)
-            if idx.numel() == 0:
-                continue
-            xi = x[idx]
-            if c >= 4:
-                xi = xi.flip(-1)
-            out[idx] = torch.rot90(xi, c % 4, dims=(-2, -1))
-        return out
+        # one gather over the whole batch: an exact pixel permutation per sample
+        index = self._perm_table(h, w, x.device)[code][:, None, :].expand(n, b, h * w)
+        out = x.reshape(n, b, h * w).gather(2, index).view(n, b, h, w)
+        return _like(out, x)
 
 
 class RandomRotation(Augmentation):
@@ -277,12 +294,27 @@ class RandomShift(Augmentation):
             ], dim=1)
             return affine_resample(x, theta)
         xf = x.to(_work_dtype(x))
+        # Real FFT (half spectrum along W); the phase is separable, exp(-2 pi i k_y dy) times
+        # exp(-2 pi i k_x dx), built from (N, H) and (N, W//2+1) factors. The result equals
+        # Re(ifft2(fft2(x) * phase)) with the full complex FFT: on Nyquist frequencies (k = -1/2
+        # for an even size) that real part keeps the Hermitian part of the phase, cos(pi dy) on
+        # the Nyquist row and cos(pi (dx + dy)) at the Nyquist corner; irfft2 takes the real
+        # part of the Nyquist column itself.
         ky = torch.fft.fftfreq(h, device=x.device, dtype=xf.dtype)
-        kx = torch.fft.fftfreq(w, device=x.device, dtype=xf.dtype)
-        phase = -2.0 * math.pi * (kx[None, None, :] * dx.to(xf)[:, None, None]
-                                  + ky[None, :, None] * dy.to(xf)[:, None, None])
-        out = torch.fft.ifft2(torch.fft.fft2(xf) * torch.polar(torch.ones_like(phase), phase)[:, None])
-        return _like(out.real, x)
+        kx = torch.fft.rfftfreq(w, device=x.device, dtype=xf.dtype)
+        ang_y = -2.0 * math.pi * ky[None, :] * dy.to(xf)[:, None]
+        ang_x = -2.0 * math.pi * kx[None, :] * dx.to(xf)[:, None]
+        mag_y = torch.ones_like(ang_y)
+        if h % 2 == 0:
+            mag_y[:, h // 2] = torch.cos(ang_y[:, h // 2])
+            ang_y[:, h // 2] = 0.0
+        phase = torch.polar(mag_y, ang_y)[:, :, None] * torch.polar(torch.ones_like(ang_x), ang_x)[:, None, :]
+        if h % 2 == 0 and w % 2 == 0:
+            phase[:, h // 2, w // 2] = torch.cos(math.pi * (dx + dy)).to(phase)
+        spec = torch.fft.rfft2(xf)
+        spec.mul_(phase[:, None])
+        out = torch.fft.irfft2(spec, s=(h, w))
+        return _like(out, x)
 
     def extra_repr(self) -> str:
         return f"max_shift={self.max_shift}, method={self.method!r}"
@@ -337,6 +369,11 @@ class RandomCropResize(Augmentation):
 # Observing-condition augmentations
 # --------------------------------------------------------------------------------------------
 
+def _reset_pad_cache(module: nn.Module, incompatible_keys) -> None:
+    """load_state_dict post-hook: fwhm_in_pix may have changed, recompute the padding."""
+    module._pad_cache = None
+
+
 class PSFDegrade(Augmentation):
     """Re-observe under worse seeing: convolve with an extra Gaussian per band.
 
@@ -351,7 +388,10 @@ class PSFDegrade(Augmentation):
     convolution multiplies the FFT by the exact Gaussian transfer function
     ``exp(-2 pi^2 sigma^2 |k|^2)`` on a zero-padded stamp (padding ``4 sigma_extra``: no
     wrap-around; flux leaving the stamp is lost, as it would be in a real cutout). The transfer
-    function is 1 at k = 0, so flux is conserved. For non-Gaussian PSFs (Moffat, Kolmogorov) the
+    function is 1 at k = 0, so flux is conserved. The transfer function is separable in k_y and
+    k_x, so the same linear map is applied as two batched matrix products ``M_y X M_x^T`` with
+    Toeplitz matrices built from its 1-D periodic kernel (cheaper than 2-D FFTs of the padded
+    stamps; see ``_blur_matrices``). For non-Gaussian PSFs (Moffat, Kolmogorov) the
     FWHM of the result is close to, not exactly, ``f * fwhm_in``. Noise is smoothed too (its
     amplitude drops and it becomes correlated): follow with :class:`NoiseResample` to restore a
     noise level if needed.
@@ -371,6 +411,9 @@ class PSFDegrade(Augmentation):
         self.register_buffer("fwhm_in_pix", fwhm)
         self.min_factor, self.max_factor = float(min_factor), float(max_factor)
         self.per_band = bool(per_band)
+        self._pad_cache: int | None = None  # from fwhm_in_pix (no device sync per call)
+        self._toeplitz_index: dict[tuple, Tensor] = {}  # (n, n_pad, device) -> (2n-1,) index
+        self.register_load_state_dict_post_hook(_reset_pad_cache)
 
     @classmethod
     def from_survey(cls, spec, max_factor: float = 1.5, pixel_scale_arcsec: float | None = None,
@@ -390,17 +433,35 @@ class PSFDegrade(Augmentation):
         f = _uniform((n, b if self.per_band else 1), self.min_factor, self.max_factor, generator, x.device)
         s_in = (self.fwhm_in_pix.to(x.device) / FWHM_PER_SIGMA)[None, :]
         sigma = (s_in * torch.sqrt(f**2 - 1.0)).to(wd)  # (N, B)
-        s_max = float(self.fwhm_in_pix.max()) / FWHM_PER_SIGMA * math.sqrt(self.max_factor**2 - 1.0)
-        pad = int(math.ceil(4.0 * s_max))
-        xf = F.pad(x.to(wd), (0, pad, 0, pad))
-        hp, wp = h + pad, w + pad
-        ky = torch.fft.fftfreq(hp, device=x.device, dtype=wd)
-        kx = torch.fft.rfftfreq(wp, device=x.device, dtype=wd)
-        k2 = ky[:, None] ** 2 + kx[None, :] ** 2
-        transfer = torch.exp(-2.0 * math.pi**2 * sigma[:, :, None, None] ** 2 * k2)
-        out = torch.fft.irfft2(torch.fft.rfft2(xf) * transfer, s=(hp, wp))
-        # the zero padding sits after the stamp; with periodic FFT it guards both sides
-        return _like(out[..., :h, :w], x)
+        pad = self._pad()
+        c = (-2.0 * math.pi**2) * sigma**2  # (N, B): transfer exp(c |k|^2)
+        m_y = self._blur_matrices(c, h, h + pad)
+        m_x = m_y if (w, w + pad) == (h, h + pad) else self._blur_matrices(c, w, w + pad)
+        with torch.autocast(x.device.type, enabled=False):  # keep wd under a caller's autocast
+            out = torch.matmul(torch.matmul(m_y, x.to(wd)), m_x.transpose(-1, -2))
+        return _like(out, x)
+
+    def _blur_matrices(self, c: Tensor, n: int, n_pad: int) -> Tensor:
+        """(N, B, n, n) matrices M[i, j] = k[(i - j) mod n_pad]: the 1-D Gaussian blur of an
+        n-pixel axis zero-padded to n_pad, with k = irfft(exp(c k^2)) the periodic kernel of
+        the transfer function (k in cycles per pixel). Since exp(c (k_y^2 + k_x^2)) is separable,
+        M_y X M_x^T is the same linear map as multiplying the 2-D FFT of the zero-padded stamp by
+        it and cropping back: flux that leaves the stamp is lost, none wraps around."""
+        freq = torch.fft.rfftfreq(n_pad, device=c.device, dtype=c.dtype)
+        kernel = torch.fft.irfft(torch.exp(c[:, :, None] * freq**2), n=n_pad)  # (N, B, n_pad)
+        key = (n, n_pad, c.device)
+        index = self._toeplitz_index.get(key)
+        if index is None:  # r[t] = k[(n - 1 - t) mod n_pad], t < 2n - 1
+            index = self._toeplitz_index[key] = (n - 1 - torch.arange(2 * n - 1, device=c.device)) % n_pad
+        # windows w[a, j] = r[a + j] = k[(n - 1 - a - j) mod n_pad]; M[i, j] = w[n - 1 - i, j]
+        return kernel[:, :, index].unfold(-1, n, 1).flip(-2)
+
+    def _pad(self) -> int:
+        """Zero padding (pixels) that holds 4 sigma of the widest extra Gaussian."""
+        if self._pad_cache is None:
+            s_max = float(self.fwhm_in_pix.max()) / FWHM_PER_SIGMA * math.sqrt(self.max_factor**2 - 1.0)
+            self._pad_cache = int(math.ceil(4.0 * s_max))
+        return self._pad_cache
 
     def extra_repr(self) -> str:
         return (f"fwhm_in_pix={[round(v, 3) for v in self.fwhm_in_pix.tolist()]}, "
@@ -456,18 +517,22 @@ class NoiseResample(Augmentation):
         wd = _work_dtype(x)
         ivar = torch.as_tensor(ivar, device=x.device).to(wd)
         try:
-            ivar = torch.broadcast_to(ivar, x.shape)
-        except RuntimeError as exc:
+            fits = torch.broadcast_shapes(ivar.shape, x.shape) == x.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
             raise Sim2ObsValueError(
                 f"NoiseResample: ivar of shape {tuple(ivar.shape)} does not broadcast to the "
                 f"batch {tuple(x.shape)}"
-            ) from exc
+            )
         s = _uniform((n, b if self.per_band else 1), *self.factor_range, generator, x.device).to(wd)
-        alpha = (s**2 - 1.0)[:, :, None, None]
-        good = ivar > 0
-        sigma_add = torch.where(good, torch.sqrt(alpha / torch.where(good, ivar, 1.0)), 0.0)
+        sqrt_alpha = torch.sqrt(s**2 - 1.0)[:, :, None, None]
+        # input sigma 1/sqrt(ivar) on ivar's own shape (a per-band ivar stays small), 0 where
+        # ivar <= 0; sigma_add = sqrt(alpha) / sqrt(ivar)
+        sigma_in = torch.where(ivar > 0, torch.rsqrt(ivar), 0.0)
         eps = _randn(tuple(x.shape), generator, x.device, wd)
-        return _like(x.to(wd) + sigma_add * eps, x)
+        eps.mul_(sigma_in * sqrt_alpha)
+        return _like(eps.add_(x.to(wd)), x)
 
     def extra_repr(self) -> str:
         return f"factor_range={self.factor_range}, per_band={self.per_band}"
