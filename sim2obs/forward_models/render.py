@@ -236,15 +236,18 @@ def deposit(
     once. The cost is independent of the kernel widths. Flux falling outside the grid is lost, as
     it would fall outside the image. ``x_pix = 0`` is the centre of the first pixel.
 
-    Cost (the same result to float rounding as transforming every bin in full): each bin's
-    transform is done as rows (real FFT of the ``size`` non-zero rows only) then columns, and
-    only for the frequencies where its transfer function exceeds e^-40 (~4e-18): the columns of
-    a wide kernel's bin beyond that are dropped, a change below float64 rounding of the flux.
+    How (the same result, to float rounding, as transforming each bin in 2-D and back): the
+    periodic convolution is separable. Along x, each bin's rows are real-FFT'd (only the rows it
+    occupies) and multiplied by the transfer function, for the x frequencies where it exceeds
+    e^-40 (~4e-18; the others are dropped, below float64 rounding of the flux). Along y, the
+    same transfer function is applied as what it is in real space, a periodic convolution with
+    its inverse DFT, restricted to the ``size`` output rows and the bin's occupied input rows:
+    one real matrix product per bin for all bands. The bins are summed in that (y, k_x) domain
+    and transformed back along x once.
     """
     import scipy.fft as sfft
 
     nb = flux.shape[1]
-    npix = size * size
     grid = np.zeros((nb, size, size))
     if x_pix.size == 0:
         return grid
@@ -255,55 +258,71 @@ def deposit(
     layer = np.clip(np.searchsorted(edges, np.log(sig), side="right"), 1, n_bins)
     layer[sig < 0.5] = 0  # layer 0: cloud-in-cell only
     n_layers = n_bins + 1
-    # Cloud-in-cell: the 4 pixels around each particle (flat index, bilinear weight); corners off
-    # the grid get weight 0 (their flux is lost).
+    # Cloud-in-cell: the 4 pixels around each particle and their bilinear weights, flattened;
+    # corners off the grid are dropped (their flux is lost). Corners are grouped by layer
+    # (stable: within a layer in particle order).
     x0 = np.floor(x_pix).astype(np.int64)
     y0 = np.floor(y_pix).astype(np.int64)
     fx = x_pix - x0
     fy = y_pix - y0
-    xi = x0[:, None] + np.array([0, 1, 0, 1])
-    yi = y0[:, None] + np.array([0, 0, 1, 1])
-    ok = (xi >= 0) & (xi < size) & (yi >= 0) & (yi < size)
-    corner_key = np.where(ok, yi * size + xi, 0)
-    corner_w = np.where(ok, np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy],
-                                     axis=1), 0.0)
-    # particles grouped by layer (stable: within a layer, input order)
+    cx = (x0[:, None] + np.array([0, 1, 0, 1])).ravel()
+    cy = (y0[:, None] + np.array([0, 0, 1, 1])).ravel()
+    cw = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], axis=1).ravel()
+    ok = (cx >= 0) & (cx < size) & (cy >= 0) & (cy < size)
+    cpart = np.repeat(np.arange(x_pix.size), 4)[ok]
+    cx, cy, cw = cx[ok], cy[ok], cw[ok]
+    clayer = layer[cpart]
+    corder = np.argsort(clayer, kind="stable")
+    cbounds = np.searchsorted(clayer[corder], np.arange(n_layers + 1))
+
+    def cic(b: int, width: int):
+        """Layer ``b`` on its own rows only: (first row, (B, rows, width) array), columns
+        beyond ``size`` zero (the FFT padding)."""
+        sel = corder[cbounds[b]:cbounds[b + 1]]
+        y = cy[sel]
+        lo = int(y.min())
+        h = int(y.max()) - lo + 1
+        key = (y - lo) * width + cx[sel]
+        key = (key[None, :] + (np.arange(nb) * (h * width))[:, None]).ravel()
+        wts = (cw[sel, None] * flux[cpart[sel]]).T.ravel()
+        return lo, np.bincount(key, weights=wts, minlength=nb * h * width).reshape(nb, h, width)
+
+    if cbounds[1] > cbounds[0]:
+        lo, lay = cic(0, size)
+        grid[:, lo:lo + lay.shape[1]] += lay
+    # particles grouped by layer (stable), for the bins' mean widths
     order = np.argsort(layer, kind="stable")
     bounds = np.searchsorted(layer[order], np.arange(n_layers + 1))
-
-    def cic(members: np.ndarray) -> np.ndarray:
-        key = corner_key[members].ravel()
-        wts = (corner_w[members][:, :, None] * flux[members][:, None, :]).reshape(-1, nb)
-        return np.stack([np.bincount(key, weights=wts[:, j], minlength=npix)
-                         for j in range(nb)]).reshape(nb, size, size)
-
-    grid += cic(order[bounds[0]:bounds[1]])
-    used = [b for b in range(1, n_layers) if bounds[b + 1] > bounds[b]]
+    used = [b for b in range(1, n_layers) if cbounds[b + 1] > cbounds[b]]
     if not used:
         return grid
     pad = int(min(np.ceil(4.0 * smax), size))
     n_fft = sfft.next_fast_len(size + pad, real=True)
-    ky = sfft.fftfreq(n_fft)
     kx = sfft.rfftfreq(n_fft)
-    acc = np.zeros((nb, n_fft, kx.size), dtype=np.complex128)
-    rows = np.zeros((nb, size, n_fft))  # one bin's layer, zero-padded along x (reused)
+    rows_out = np.arange(size)
+    # Sum over bins of the smoothed layers, Fourier-transformed along x only: (size, B, kx).
+    acc = np.zeros((size, nb, kx.size), dtype=np.complex128)
     top = 0
     for b in used:
-        members = order[bounds[b]:bounds[b + 1]]
-        s_b = float(np.exp(np.mean(np.log(sig[members]))))
+        s_b = float(np.exp(np.mean(np.log(sig[order[bounds[b]:bounds[b + 1]]]))))
         a = 2.0 * np.pi**2 * s_b**2
-        # exp(-a k^2) < e^-40 for |k| > sqrt(40 / a): those columns are not computed
+        transfer = np.exp(-a * kx**2)
+        # exp(-a k^2) < e^-40 for |k| > sqrt(40 / a): those x frequencies are not computed
         m = min(kx.size, int(math.sqrt(40.0 / a) * n_fft) + 2)
         top = max(top, m)
-        rows[..., :size] = cic(members)
-        f = sfft.rfft(rows, axis=-1)[..., :m]
-        f *= np.exp(-a * kx[:m] ** 2)
-        f = sfft.fft(f, n=n_fft, axis=-2)
-        f *= np.exp(-a * ky**2)[:, None]
-        acc[..., :m] += f
-    # inverse: columns (only the first `size` rows are kept), then rows
-    half = sfft.ifft(acc[..., :top], axis=-2)[:, :size]
-    grid += sfft.irfft(half, n=n_fft, axis=-1)[..., :size]
+        lo, lay = cic(b, n_fft)
+        h = lay.shape[1]
+        # along x: real FFT of the layer's rows times the transfer function
+        fx_ = sfft.rfft(lay, axis=-1)[..., :m] * transfer[:m]  # (B, h, m)
+        # along y: the same Gaussian as a periodic (n_fft) convolution in real space, i.e. the
+        # inverse DFT of the transfer function, for the `size` output rows and the layer's h
+        # input rows only: one real matrix product for all bands and both complex parts
+        kernel = sfft.irfft(transfer, n=n_fft)
+        conv = kernel[(rows_out[:, None] - np.arange(lo, lo + h)[None, :]) % n_fft]  # (size, h)
+        rhs = np.ascontiguousarray(fx_.transpose(1, 0, 2)).view(np.float64).reshape(h, -1)
+        acc[:, :, :m] += (conv @ rhs).view(np.complex128).reshape(size, nb, m)
+    # back along x (acc is zero beyond column `top`)
+    grid += sfft.irfft(acc[..., :top], n=n_fft, axis=-1)[..., :size].transpose(1, 0, 2)
     return grid
 
 
