@@ -133,6 +133,14 @@ class Normalizer:
         return cls(dataset.bands, tuple(float(k * s) for s in sigma))
 
 
+def _put(out: np.ndarray, where: np.ndarray, values: np.ndarray, inverse: np.ndarray) -> None:
+    """``out[where] = values[inverse]``, in one copy when ``where`` is all of ``out``."""
+    if where.size == out.shape[0] and values.dtype == out.dtype:
+        np.take(values, inverse.reshape(-1), axis=0, out=out)
+    else:
+        out[where] = values[inverse]
+
+
 class ShardDataset:
     """Items from shard folders: ``{'image': (B,H,W) float32, 'ivar', 'object_id', 'survey',
     'labels': {name: float}}`` (raw nanomaggies; normalise with :class:`Normalizer`).
@@ -192,11 +200,13 @@ class ShardDataset:
                 fi = len(self.files)
                 self.files.append(str(path))
                 self.surveys.append(survey)
-                band_idx.append(np.array([fb.index(b) for b in self.bands]))
+                # all bands in order: a slice (reads need no band-gather copy)
+                band_idx.append(slice(None) if tuple(fb) == tuple(self.bands)
+                                else np.array([fb.index(b) for b in self.bands]))
                 rows_file.append(np.full(len(oid), fi))
                 rows_row.append(np.arange(len(oid)))
                 ids.append(oid)
-        self._band_idx = band_idx
+        self._band_idx: list[np.ndarray | slice] = band_idx
         file_of = np.concatenate(rows_file)
         row_of = np.concatenate(rows_row)
         object_id = np.concatenate(ids).astype(np.int64)
@@ -266,9 +276,9 @@ class ShardDataset:
         (sorted, de-duplicated rows), in the order asked; ivar is 1 where a shard has none.
         NaN pixels must be masked (ivar = 0) and are zeroed, as in :meth:`raw`."""
         idx = np.asarray(indices, dtype=np.int64)
-        nb = len(self.bands)
-        images = np.empty((idx.size, nb, *self.stamp), dtype=np.float32)
-        ivars = np.ones_like(images)
+        shape = (idx.size, len(self.bands), *self.stamp)
+        images = np.empty(shape, dtype=np.float32)
+        ivars = np.empty(shape, dtype=np.float32)
         files = self.file_of[idx]
         for fi in np.unique(files):
             where = np.flatnonzero(files == fi)
@@ -278,15 +288,20 @@ class ShardDataset:
             bi = self._band_idx[fi]
             img = f["images"][uniq][:, bi]
             iv = f["ivar"][uniq][:, bi] if "ivar" in f else None
-            bad = ~np.isfinite(img) if iv is None else (~np.isfinite(img) & (iv > 0))
-            if np.any(bad):
-                raise Sim2ObsDataError(
-                    f"'{self.files[fi]}': {int(bad.sum())} NaN pixels not masked by ivar = 0; "
-                    "re-ingest or mask them"
-                )
-            images[where] = np.where(np.isfinite(img), img, 0.0)[inverse]
-            if iv is not None:
-                ivars[where] = iv[inverse]
+            finite = np.isfinite(img)
+            if not finite.all():
+                bad = ~finite if iv is None else (~finite & (iv > 0))
+                if np.any(bad):
+                    raise Sim2ObsDataError(
+                        f"'{self.files[fi]}': {int(bad.sum())} NaN pixels not masked by ivar = 0; "
+                        "re-ingest or mask them"
+                    )
+                img = np.where(finite, img, np.float32(0.0))
+            _put(images, where, img, inverse)
+            if iv is None:
+                ivars[where] = 1.0
+            else:
+                _put(ivars, where, iv, inverse)
         return images, ivars
 
     def close(self) -> None:
