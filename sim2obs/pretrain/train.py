@@ -530,17 +530,21 @@ def pretrain(
             w.writeheader()
             w.writerows(rows)
 
+    @torch.no_grad()
     def views(batch, gen):
-        x = batch["image"].to(dev, non_blocking=True)
-        ivar = batch["ivar"].to(dev, non_blocking=True)
-        x = normalizer(augment(x, gen, ivar=ivar))
-        if config.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        """Augmented, normalised model inputs: no autograd graph, and full precision (callers'
+        autocast off) -- the augmentations are data preparation, not part of the model."""
+        with torch.autocast(dev.type, enabled=False):
+            x = batch["image"].to(dev, non_blocking=True)
+            ivar = batch["ivar"].to(dev, non_blocking=True)
+            x = normalizer(augment(x, gen, ivar=ivar))
+            if config.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
         return x
 
     def step_loss(a, b, gen):
+        xa, xb = views(a, gen), views(b, gen)
         with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            xa, xb = views(a, gen), views(b, gen)
             ha, za = train_model(xa)
             hb, zb = train_model(xb)
             loss = loss_fn(za.float(), zb.float())
