@@ -78,7 +78,17 @@ def psf_profile(survey: SurveySpec, band: Band, fwhm_arcsec: float | None = None
 
 def psf_image(profile, pixel_scale_arcsec: float, size: int) -> np.ndarray:
     """The PSF convolved with the pixel response, sampled at the cutout pixel scale on a
-    ``size`` x ``size`` grid (odd size: centred on the central pixel), normalised to sum 1."""
+    ``size`` x ``size`` grid (odd size: centred on the central pixel), normalised to sum 1.
+
+    Drawn once per (profile, scale, size) in a process: GalSim profiles compare and hash by
+    value, so every galaxy rendered with the same PSF reuses the drawing (a fresh copy)."""
+    return _psf_image(profile, float(pixel_scale_arcsec), int(size)).copy()
+
+
+@lru_cache(maxsize=64)
+def _psf_image(profile, pixel_scale_arcsec: float, size: int) -> np.ndarray:
     img = profile.drawImage(nx=size, ny=size, scale=pixel_scale_arcsec, method="auto")
     arr = img.array.astype(np.float64)
-    return arr / arr.sum()
+    arr = arr / arr.sum()
+    arr.setflags(write=False)
+    return arr
