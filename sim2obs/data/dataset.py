@@ -63,7 +63,7 @@ def _asinh_elementwise(y):
     a = y.abs()
     r = a.reciprocal()
     r = r.add_(torch.hypot(r, torch.ones((), dtype=r.dtype, device=r.device))).reciprocal_()
-    return torch.log1p_(r.mul_(a).add_(a)).copysign_(y)
+    return torch.addcmul(a, a, r).log1p_().copysign_(y)
 
 
 @dataclass(frozen=True)
