@@ -528,10 +528,10 @@ class NoiseResample(Augmentation):
         s = _uniform((n, b if self.per_band else 1), *self.factor_range, generator, x.device).to(wd)
         sqrt_alpha = torch.sqrt(s**2 - 1.0)[:, :, None, None]
         # input sigma 1/sqrt(ivar) on ivar's own shape (a per-band ivar stays small), 0 where
-        # ivar <= 0; sigma_add = sqrt(alpha) / sqrt(ivar)
-        sigma_in = torch.where(ivar > 0, torch.rsqrt(ivar), 0.0)
+        # ivar <= 0 or nan (rsqrt gives inf or nan there); sigma_add = sqrt(alpha) / sqrt(ivar)
+        sigma_add = torch.rsqrt(ivar).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0) * sqrt_alpha
         eps = _randn(tuple(x.shape), generator, x.device, wd)
-        eps.mul_(sigma_in * sqrt_alpha)
+        eps.mul_(sigma_add)
         return _like(eps.add_(x.to(wd)), x)
 
     def extra_repr(self) -> str:
