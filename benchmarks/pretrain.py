@@ -4,8 +4,9 @@
   tensors already in memory, with the cheapest possible views (flips) -- the ceiling;
 * sim2obs: :func:`sim2obs.pretrain.train.pretrain` reading HDF5 shards lazily, with the default
   physical augmentations, normalisation, metrics and checkpointing;
-* loader only: reading + augmenting + normalising batches without a model (must be much faster
-  than training, or the data pipeline is the bottleneck);
+* loader only: reading + augmenting + normalising batches without a model, through the same
+  :func:`~sim2obs.pretrain.train.prepare_views` as pretrain (must be much faster than training,
+  or the data pipeline is the bottleneck);
 * fp32 vs bf16 autocast + channels_last, and the GPU when one is present.
 
 Ratios are taken within this run (machines here are noisy). Usage:
@@ -36,6 +37,7 @@ from sim2obs.pretrain.train import (  # noqa: E402
     _collate,
     autocast_dtype,
     build_augment,
+    prepare_views,
     pretrain,
 )
 
@@ -100,8 +102,7 @@ def loader_rate(folder: Path, cfg: PretrainConfig, steps: int, device: torch.dev
     n = 0
     t = time.perf_counter()
     for i, (a, b) in enumerate(loader):
-        for v in (a, b):
-            norm(aug(v["image"].to(device), g, ivar=v["ivar"].to(device)))
+        prepare_views(a, b, aug, norm, g, device, cfg.channels_last)  # what pretrain does per step
         n += cfg.batch_size
         if i + 1 >= steps:
             break

@@ -304,6 +304,26 @@ def _extinction_coefficients(dataset: ShardDataset):
         return None  # unknown survey (e.g. real data) or no 'extinction' package: skip
 
 
+@torch.no_grad()
+def prepare_views(a: dict, b: dict, augment, normalizer: Normalizer, generator, device: torch.device,
+                  channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model inputs ``(x_a, x_b)``, each (N, B, H, W), from a batch of pairs (``image``, ``ivar``).
+
+    Both views are augmented and normalised in one call on the stacked (2N, B, H, W) batch (half
+    the kernel launches and thread-pool synchronisations of two calls; the per-sample random
+    draws are independent either way), with no autograd graph and autocast off -- the
+    augmentations are data preparation in full precision, not part of the model.
+    """
+    n = a["image"].shape[0]
+    with torch.autocast(device.type, enabled=False):
+        x = torch.cat([a["image"].to(device, non_blocking=True), b["image"].to(device, non_blocking=True)])
+        ivar = torch.cat([a["ivar"].to(device, non_blocking=True), b["ivar"].to(device, non_blocking=True)])
+        x = normalizer(augment(x, generator, ivar=ivar))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+    return x[:n], x[n:]
+
+
 def _collate(batch):
     if isinstance(batch, tuple):  # already batched by PairDataset.__getitems__
         return batch
@@ -530,20 +550,8 @@ def pretrain(
             w.writeheader()
             w.writerows(rows)
 
-    @torch.no_grad()
-    def views(batch, gen):
-        """Augmented, normalised model inputs: no autograd graph, and full precision (callers'
-        autocast off) -- the augmentations are data preparation, not part of the model."""
-        with torch.autocast(dev.type, enabled=False):
-            x = batch["image"].to(dev, non_blocking=True)
-            ivar = batch["ivar"].to(dev, non_blocking=True)
-            x = normalizer(augment(x, gen, ivar=ivar))
-            if config.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
     def step_loss(a, b, gen):
-        xa, xb = views(a, gen), views(b, gen)
+        xa, xb = prepare_views(a, b, augment, normalizer, gen, dev, config.channels_last)
         with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             ha, za = train_model(xa)
             hb, zb = train_model(xb)
@@ -588,7 +596,8 @@ def pretrain(
             t = torch.tensor([train_loss], dtype=torch.float64, device=dev)
             torch.distributed.all_reduce(t)
             train_loss = float(t.item()) / dist_info.world
-        val_loss, emb_std, eff_rank = _validate(model, val_ds, views, config, dev, amp_dtype)
+        val_loss, emb_std, eff_rank = _validate(model, val_ds, augment, normalizer, config, dev,
+                                                    amp_dtype)
         if dist_info.main:
             row = {"epoch": epoch, "steps": (epoch + 1) * steps_per_epoch,
                    "train_loss": train_loss, "val_loss": val_loss,
@@ -633,7 +642,7 @@ def _streaming_train_set(folders, config: PretrainConfig, dist_info: DistInfo):
 
 
 @torch.no_grad()
-def _validate(model, val_ds, views, config, dev, amp_dtype):
+def _validate(model, val_ds, augment, normalizer, config, dev, amp_dtype):
     """Validation loss on fixed augmentations (computed on this process's data, no gathering)
     and the collapse diagnostics of the embeddings."""
     from sim2obs.pretrain.losses import effective_rank, embedding_std
@@ -650,8 +659,9 @@ def _validate(model, val_ds, views, config, dev, amp_dtype):
         if a["image"].shape[0] < 2:
             continue
         with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            ha, za = model(views(a, gen))
-            _, zb = model(views(b, gen))
+            xa, xb = prepare_views(a, b, augment, normalizer, gen, dev, config.channels_last)
+            ha, za = model(xa)
+            _, zb = model(xb)
             loss = loss_fn_local(za.float(), zb.float())
             if isinstance(loss, tuple):
                 loss = loss[0]
