@@ -258,27 +258,28 @@ def deposit(
     layer = np.clip(np.searchsorted(edges, np.log(sig), side="right"), 1, n_bins)
     layer[sig < 0.5] = 0  # layer 0: cloud-in-cell only
     n_layers = n_bins + 1
-    # Cloud-in-cell: the 4 pixels around each particle and their bilinear weights, flattened;
-    # corners off the grid are dropped (their flux is lost). Corners are grouped by layer
-    # (stable: within a layer in particle order).
-    x0 = np.floor(x_pix).astype(np.int64)
-    y0 = np.floor(y_pix).astype(np.int64)
-    fx = x_pix - x0
-    fy = y_pix - y0
+    # particles grouped by layer (stable: within a layer in input order)
+    order = np.argsort(layer, kind="stable")
+    bounds = np.searchsorted(layer[order], np.arange(n_layers + 1))
+    # Cloud-in-cell: the 4 pixels around each particle and their bilinear weights, flattened
+    # in that order (so each layer's corners are one slice); corners off the grid are dropped
+    # (their flux is lost).
+    x0 = np.floor(x_pix[order]).astype(np.int64)
+    y0 = np.floor(y_pix[order]).astype(np.int64)
+    fx = x_pix[order] - x0
+    fy = y_pix[order] - y0
     cx = (x0[:, None] + np.array([0, 1, 0, 1])).ravel()
     cy = (y0[:, None] + np.array([0, 0, 1, 1])).ravel()
     cw = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], axis=1).ravel()
     ok = (cx >= 0) & (cx < size) & (cy >= 0) & (cy < size)
-    cpart = np.repeat(np.arange(x_pix.size), 4)[ok]
+    cpart = np.repeat(order, 4)[ok]
     cx, cy, cw = cx[ok], cy[ok], cw[ok]
-    clayer = layer[cpart]
-    corder = np.argsort(clayer, kind="stable")
-    cbounds = np.searchsorted(clayer[corder], np.arange(n_layers + 1))
+    cbounds = np.searchsorted(layer[cpart], np.arange(n_layers + 1))
 
     def cic(b: int, width: int):
         """Layer ``b`` on its own rows only: (first row, (B, rows, width) array), columns
         beyond ``size`` zero (the FFT padding)."""
-        sel = corder[cbounds[b]:cbounds[b + 1]]
+        sel = slice(cbounds[b], cbounds[b + 1])
         y = cy[sel]
         lo = int(y.min())
         h = int(y.max()) - lo + 1
@@ -290,9 +291,6 @@ def deposit(
     if cbounds[1] > cbounds[0]:
         lo, lay = cic(0, size)
         grid[:, lo:lo + lay.shape[1]] += lay
-    # particles grouped by layer (stable), for the bins' mean widths
-    order = np.argsort(layer, kind="stable")
-    bounds = np.searchsorted(layer[order], np.arange(n_layers + 1))
     used = [b for b in range(1, n_layers) if cbounds[b + 1] > cbounds[b]]
     if not used:
         return grid
