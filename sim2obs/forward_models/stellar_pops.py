@@ -85,7 +85,12 @@ class SSPLibrary:
         iz, ia, w = self.weights(age_gyr, metallicity)
         vals = grid_values[iz, ia]  # (N, 4, ...)
         w = w.reshape(w.shape + (1,) * (vals.ndim - 2))
-        return np.sum(vals * w, axis=1)
+        # sum over the 4 corners in order (what np.sum(vals * w, axis=1) does, without the
+        # (N, 4, ...) product array)
+        out = vals[:, 0] * w[:, 0]
+        for c in range(1, 4):
+            out += vals[:, c] * w[:, c]
+        return out
 
     def spectrum(self, age_gyr, metallicity, initial_mass_msun=1.0) -> np.ndarray:
         """Rest-frame L_lambda (Lsun/Å) of particles: shape (N, nWave) (or (nWave,) for scalars)."""
