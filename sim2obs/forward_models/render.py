@@ -243,7 +243,9 @@ def deposit(
     same transfer function is applied as what it is in real space, a periodic convolution with
     its inverse DFT, restricted to the ``size`` output rows and the bin's occupied input rows:
     one real matrix product per bin for all bands. The bins are summed in that (y, k_x) domain
-    and transformed back along x once.
+    and transformed back along x once. A bin on few rows and columns (narrow kernels near the
+    centre) is instead smoothed along x as along y, by a second real matrix product, when
+    that costs fewer operations.
     """
     import scipy.fft as sfft
 
@@ -276,20 +278,27 @@ def deposit(
     cx, cy, cw = cx[ok], cy[ok], cw[ok]
     cbounds = np.searchsorted(layer[cpart], np.arange(n_layers + 1))
 
-    def cic(b: int, width: int):
-        """Layer ``b`` on its own rows only: (first row, (B, rows, width) array), columns
-        beyond ``size`` zero (the FFT padding)."""
+    def cic(b: int, width: int | None = None):
+        """Layer ``b`` on its own rows only: (first row, first column, (B, rows, columns)).
+        ``width=None``: its own columns only too; else columns 0..width-1 (beyond ``size``:
+        zero, the FFT padding)."""
         sel = slice(cbounds[b], cbounds[b + 1])
         y = cy[sel]
+        x = cx[sel]
         lo = int(y.min())
         h = int(y.max()) - lo + 1
-        key = (y - lo) * width + cx[sel]
+        left = 0
+        if width is None:
+            left = int(x.min())
+            width = int(x.max()) - left + 1
+        key = (y - lo) * width + (x - left)
         key = (key[None, :] + (np.arange(nb) * (h * width))[:, None]).ravel()
         wts = (cw[sel, None] * flux[cpart[sel]]).T.ravel()
-        return lo, np.bincount(key, weights=wts, minlength=nb * h * width).reshape(nb, h, width)
+        lay = np.bincount(key, weights=wts, minlength=nb * h * width).reshape(nb, h, width)
+        return lo, left, lay
 
     if cbounds[1] > cbounds[0]:
-        lo, lay = cic(0, size)
+        lo, _, lay = cic(0, size)
         grid[:, lo:lo + lay.shape[1]] += lay
     used = [b for b in range(1, n_layers) if cbounds[b + 1] > cbounds[b]]
     if not used:
@@ -297,9 +306,15 @@ def deposit(
     pad = int(min(np.ceil(4.0 * smax), size))
     n_fft = sfft.next_fast_len(size + pad, real=True)
     kx = sfft.rfftfreq(n_fft)
-    rows_out = np.arange(size)
-    # Sum over bins of the smoothed layers, Fourier-transformed along x only: (size, B, kx).
+    out = np.arange(size)
+
+    def conv(kernel: np.ndarray, first: int, n: int) -> np.ndarray:
+        return kernel[(out[:, None] - np.arange(first, first + n)[None, :]) % n_fft]
+
+    # Sum over bins of the smoothed layers, Fourier-transformed along x only: (size, B, kx);
+    # and of those smoothed entirely in real space: (size, B, size).
     acc = np.zeros((size, nb, kx.size), dtype=np.complex128)
+    acc_real = np.zeros((size, nb, size))
     top = 0
     for b in used:
         s_b = float(np.exp(np.mean(np.log(sig[order[bounds[b]:bounds[b + 1]]]))))
@@ -307,20 +322,31 @@ def deposit(
         transfer = np.exp(-a * kx**2)
         # exp(-a k^2) < e^-40 for |k| > sqrt(40 / a): those x frequencies are not computed
         m = min(kx.size, int(math.sqrt(40.0 / a) * n_fft) + 2)
-        top = max(top, m)
-        lo, lay = cic(b, n_fft)
-        h = lay.shape[1]
-        # along x: real FFT of the layer's rows times the transfer function
-        fx_ = sfft.rfft(lay, axis=-1)[..., :m] * transfer[:m]  # (B, h, m)
-        # along y: the same Gaussian as a periodic (n_fft) convolution in real space, i.e. the
-        # inverse DFT of the transfer function, for the `size` output rows and the layer's h
-        # input rows only: one real matrix product for all bands and both complex parts
+        # The transfer function as what it is in real space, a periodic (n_fft) convolution
+        # with its inverse DFT; conv(kernel, first, n): its matrix from n input rows (or
+        # columns) starting at `first` to the `size` output ones.
         kernel = sfft.irfft(transfer, n=n_fft)
-        conv = kernel[(rows_out[:, None] - np.arange(lo, lo + h)[None, :]) % n_fft]  # (size, h)
+        lo, left, lay = cic(b, None)
+        h, w = lay.shape[1:]
+        # cost in multiply-adds of the two routes (an FFT point ~ 40 of them)
+        via_fft = size * h * nb * 2 * m + 40 * nb * h * n_fft
+        via_real = size * nb * w * (h + size)
+        if via_real <= via_fft:
+            # y then x, both as real matrix products (narrow kernels on compact layers)
+            rows = conv(kernel, lo, h) @ np.ascontiguousarray(lay.transpose(1, 0, 2)).reshape(h, -1)
+            acc_real += (rows.reshape(size * nb, w) @ conv(kernel, left, w).T).reshape(size, nb, size)
+            continue
+        # along x: real FFT of the layer's rows times the transfer function
+        padded = np.zeros((nb, h, n_fft))
+        padded[..., left:left + w] = lay
+        fx_ = sfft.rfft(padded, axis=-1)[..., :m] * transfer[:m]  # (B, h, m)
+        # along y: the real-space convolution for all bands and both complex parts at once
         rhs = np.ascontiguousarray(fx_.transpose(1, 0, 2)).view(np.float64).reshape(h, -1)
-        acc[:, :, :m] += (conv @ rhs).view(np.complex128).reshape(size, nb, m)
-    # back along x (acc is zero beyond column `top`)
-    grid += sfft.irfft(acc[..., :top], n=n_fft, axis=-1)[..., :size].transpose(1, 0, 2)
+        acc[:, :, :m] += (conv(kernel, lo, h) @ rhs).view(np.complex128).reshape(size, nb, m)
+        top = max(top, m)
+    if top:  # back along x (acc is zero beyond column `top`)
+        acc_real += sfft.irfft(acc[..., :top], n=n_fft, axis=-1)[..., :size]
+    grid += acc_real.transpose(1, 0, 2)
     return grid
 
 
