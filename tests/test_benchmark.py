@@ -34,3 +34,77 @@ def test_closure_undefined_without_a_gap():
     import math
 
     assert math.isnan(_closure(_summarise(runs, PROTOCOL["labels"]))["mmd"])
+
+
+def _cand(w, nll, auc):
+    return {"adapter_weight": w, "source_val_nll": nll, "selection_auc": auc}
+
+
+def test_select_weight_keeps_the_best_aligned_run_that_still_fits_the_source():
+    import math
+
+    from sim2obs.benchmark import NLL_TOLERANCE, select_weight
+
+    assert NLL_TOLERANCE == pytest.approx(math.log(1.1))
+    c = [_cand(1, 0.40, 0.80), _cand(3, 0.42, 0.70), _cand(10, 0.49, 0.62), _cand(30, 0.60, 0.55)]
+    # best NLL 0.40 -> runs up to 0.40 + ln 1.1 = 0.4953 qualify: w = 1, 3, 10; lowest AUC is w = 10
+    assert select_weight(c)["adapter_weight"] == 10
+    # a stricter tolerance leaves 1 and 3
+    assert select_weight(c, tolerance=0.03)["adapter_weight"] == 3
+    # the best-fitting run always qualifies, even when it aligns worst
+    assert select_weight([_cand(1, 0.3, 0.9), _cand(3, 0.9, 0.5)])["adapter_weight"] == 1
+    # ties in AUC go to the smaller weight
+    assert select_weight([_cand(3, 0.4, 0.6), _cand(1, 0.4, 0.6)])["adapter_weight"] == 1
+
+
+def test_select_weight_refuses_empty_or_non_finite_candidates():
+    from sim2obs.benchmark import select_weight
+    from sim2obs.errors import Sim2ObsValueError
+
+    with pytest.raises(Sim2ObsValueError, match="at least one"):
+        select_weight([])
+    with pytest.raises(Sim2ObsValueError, match="selection_auc"):
+        select_weight([_cand(1, 0.4, float("nan"))])
+
+
+def test_dev_choice_is_summarised_and_printed_beside_the_protocol_choice():
+    from sim2obs.benchmark import _dev_choice_summary
+
+    runs = {"none": [_run(0.30, 0.8)], "oracle": [_run(0.20, 0.8)], "mmd": [_run(0.24, 0.58)]}
+    runs["mmd"][0]["adapter_weight"] = 30.0
+    runs["mmd"][0]["dev_choice"] = {"adapter_weight": 1.0, "scores": _run(0.28, 0.8)["scores"],
+                                    "gap_after": {"c2st_auc": 0.79, "sinkhorn": 0.2}}
+    s = _summarise(runs, PROTOCOL["labels"])
+    d = _dev_choice_summary(runs, s)
+    assert list(d) == ["mmd"]
+    assert d["mmd"]["closure"] == pytest.approx(0.2) and d["mmd"]["c2st_auc"]["mean"] == 0.79
+    r = {"protocol": PROTOCOL, "seeds": 1, "summary": s, "closure": _closure(s), "runs": runs,
+         "dev_choice": d, "gap_before": {"c2st_auc": {"mean": 0.8, "std": 0.0},
+                                         "sinkhorn": {"mean": 1.0, "std": 0.0}},
+         "references": [], "seconds": 1}
+    md = results_markdown(r)
+    assert "mmd +60%" in md and "per seed" in md and "mmd 30" in md
+    assert "Had DEV chosen the weights" in md and "mmd +20% closed, AUC 0.790 (weights 1)" in md
+
+
+def test_quick_benchmark_end_to_end(tmp_path):
+    """One seed, one adapter, quick sizes: every grid run is scored for the selection and the
+    results file holds the chosen and DEV's weights and finite metrics."""
+    import json
+    import math
+
+    from sim2obs.benchmark import WEIGHT_GRID, run_benchmark
+
+    r = run_benchmark(tmp_path / "bench", seeds=1, methods=["mmd"], quick=True,
+                      label_efficiency=False, workers=1, progress=False)
+    on_disk = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert on_disk["protocol"]["version"] == 3 and set(on_disk["runs"]) == {"none", "mmd", "oracle"}
+    res = r["runs"]["mmd"][0]
+    assert set(res["by_weight"]) == {f"{w:g}" for w in WEIGHT_GRID}
+    for v in res["by_weight"].values():
+        assert 0.0 <= v["selection_auc"] <= 1.0 and math.isfinite(v["source_val_nll"])
+    assert f"{res['adapter_weight']:g}" in res["by_weight"]
+    assert res["dev_choice"]["adapter_weight"] in WEIGHT_GRID
+    for m in ("none", "mmd", "oracle"):
+        assert all(math.isfinite(x["mean"]) for x in r["summary"][m].values())
+    assert "Had DEV chosen the weights" in (tmp_path / "bench" / "results.md").read_text()
