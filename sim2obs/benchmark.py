@@ -8,7 +8,9 @@ Protocol (``PROTOCOL``, version 3):
   ``realism='observed'`` (per-galaxy seeing, correlated noise, neighbours, stars, sky residuals,
   artifacts) and seeing 1.4x worse; split by ``object_id`` into ``target_train`` (70 %, images
   for adaptation; its labels only for the oracle) and ``target_test`` (30 %, scoring only);
-* **encoder**: SimCLR pretrained once on source + ``target_train`` images (no labels);
+* **encoder**: SimCLR pretrained on source + ``target_train`` images (no labels), once per seed
+  (pretraining seed = run seed; the pretraining draw moves the none -> oracle gap by several
+  hundredths of a dex, so a single encoder would understate the spread);
 * **runs** per seed: ``none`` (source only), each adapter (its alignment weight chosen from
   ``WEIGHT_GRID`` without target labels by :func:`select_weight`; DEV's choice, the rule of
   version 2, is scored beside it), and the **oracle** (head trained on
@@ -20,8 +22,8 @@ Protocol (``PROTOCOL``, version 3):
   architecture from random weights with 10, 100, 1000 labelled ``target_train`` galaxies, the
   same number of optimisation steps for each; target-test ``log_mstar`` NMAD.
 
-Seeds vary the adaptation (initialisation, batches, splits of the source); the data and the
-pretrained encoder are fixed by the protocol (``--pretrained`` reuses one). Results:
+Seeds vary the pretraining and the adaptation (initialisation, batches); the data are fixed
+by the protocol (``--pretrained`` reuses one encoder for every seed instead). Results:
 ``OUT/results.json`` and ``OUT/results.md``.
 """
 
@@ -146,6 +148,15 @@ def _features(run: Path, folder: Path, n_max: int = 1000) -> np.ndarray:
     return emb[:n_max]
 
 
+def _check_encoder(run: Path, pre: Path) -> None:
+    """Refuse a finished run (reused from an earlier call) that adapted another encoder."""
+    used = json.loads((run / "config.json").read_text()).get("pretrained")
+    if used is not None and Path(used) != pre.resolve():
+        raise Sim2ObsValueError(f"'{run}' adapted the encoder '{used}', not '{pre.resolve()}' "
+                                "(a run of an older protocol or another --pretrained); use a fresh "
+                                "--out or delete that folder")
+
+
 def _gap(xs: np.ndarray, xt: np.ndarray, seed: int) -> dict[str, float]:
     """Domain-classifier AUC and Sinkhorn divergence between two feature sets, standardised on
     their union so spaces of different scale compare."""
@@ -224,21 +235,25 @@ def run_benchmark(out: str | Path, seeds: int = 3, methods=None, quick: bool = F
     data = prepare_data(out / "data", sizes, workers, progress, log)
     labels = tuple(PROTOCOL["labels"])
 
-    if pretrained is None:
-        pre = out / "pretrain"
+    def encoder_for(seed: int) -> Path:
+        if pretrained is not None:
+            return Path(pretrained)
+        pre = out / ("pretrain" if seed == 0 else f"pretrain_seed{seed}")
         cfg = PretrainConfig(epochs=sizes.pretrain_epochs, batch_size=128 if not quick else 32,
-                             cross_survey=False, seed=0)
+                             cross_survey=False, seed=seed)
         done = (pre / CHECKPOINT).exists() and load_checkpoint(pre)["epoch"] + 1 >= cfg.epochs
         if not done:
-            log(f"pretrain SimCLR on source + target_train images ({cfg.epochs} epochs)")
+            log(f"pretrain SimCLR (seed {seed}) on source + target_train images ({cfg.epochs} epochs)")
             pretrain([data["source"], data["target_train"]], pre, cfg, device=device,
                      resume=(pre / CHECKPOINT).exists(), progress=progress, log=log)
-    else:
-        pre = Path(pretrained)
-    before = _features(pre, data["source"]), _features(pre, data["target_test"])
+        return pre
 
     runs: dict[str, list[dict]] = {}
+    encoders = []
     for seed in range(seeds):
+        pre = encoder_for(seed)
+        encoders.append(pre)
+        before = _features(pre, data["source"]), _features(pre, data["target_test"])
         for m in ["none", *methods, "oracle"]:
             oracle = m == "oracle"
             t = time.perf_counter()
@@ -256,6 +271,7 @@ def run_benchmark(out: str | Path, seeds: int = 3, methods=None, quick: bool = F
                     shutil.rmtree(run, ignore_errors=True)
                     adapt(pre, data["target_train"] if oracle else data["source"],
                           data["target_train"], run, cfg, device=device, progress=False)
+                _check_encoder(run, pre)
                 summary = json.loads((run / "summary.json").read_text())
                 sel = summary["selected_epoch_metrics"]
                 c = {"adapter_weight": w, "run": run, "dev_risk": sel["dev_risk"],
@@ -292,9 +308,9 @@ def run_benchmark(out: str | Path, seeds: int = 3, methods=None, quick: bool = F
                 f"{k} NMAD {v['nmad']:.3f}" for k, v in sc.items()) +
                 f"; AUC after {res['gap_after']['c2st_auc']:.3f}")
 
-    eff = _label_efficiency(pre, data, out, sizes, device, quick, log) if label_efficiency else None
+    eff = _label_efficiency(encoders[0], data, out, sizes, device, quick, log) if label_efficiency else None
     results = {"protocol": PROTOCOL, "sizes": asdict(sizes), "seeds": seeds,
-               "pretrained": str(pre), "runs": runs, "summary": _summarise(runs, labels),
+               "pretrained": [str(e) for e in encoders], "runs": runs, "summary": _summarise(runs, labels),
                "gap_before": _mean_std([r["gap"] for r in runs["none"]]),
                "label_efficiency": eff, "references": REFERENCES,
                "seconds": time.perf_counter() - t0}

@@ -108,3 +108,18 @@ def test_quick_benchmark_end_to_end(tmp_path):
     for m in ("none", "mmd", "oracle"):
         assert all(math.isfinite(x["mean"]) for x in r["summary"][m].values())
     assert "Had DEV chosen the weights" in (tmp_path / "bench" / "results.md").read_text()
+    assert r["pretrained"] == [str(tmp_path / "bench" / "pretrain")]
+
+
+def test_a_reused_run_of_another_encoder_is_refused(tmp_path):
+    import json
+
+    from sim2obs.benchmark import _check_encoder
+    from sim2obs.errors import Sim2ObsValueError
+
+    run = tmp_path / "runs" / "mmd_w1_seed1"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"pretrained": str((tmp_path / "pretrain").resolve())}))
+    _check_encoder(run, tmp_path / "pretrain")  # same encoder: fine
+    with pytest.raises(Sim2ObsValueError, match="fresh --out"):
+        _check_encoder(run, tmp_path / "pretrain_seed1")
