@@ -315,6 +315,7 @@ def run_benchmark(out: str | Path, seeds: int = 3, methods=None, quick: bool = F
                "label_efficiency": eff, "references": REFERENCES,
                "seconds": time.perf_counter() - t0}
     results["closure"] = _closure(results["summary"])
+    results["closure_per_seed"] = _closure_per_seed(runs)
     results["dev_choice"] = _dev_choice_summary(runs, results["summary"])
     with atomic_output(out / "results.json") as tmp:
         Path(tmp).write_text(json.dumps(results, indent=2, default=float) + "\n")
@@ -396,6 +397,24 @@ def _closure(summary: dict) -> dict:
             for m, d in summary.items() if m not in ("none", "oracle")}
 
 
+def _closure_per_seed(runs: dict) -> dict:
+    """The log_mstar NMAD gap closure of each adapter seed by seed (NaN where that seed's oracle
+    is not better than its ``none``): the spread behind the mean."""
+    def nmad(r):
+        return r["scores"]["log_mstar"]["nmad"]
+
+    out = {}
+    for m, rs in runs.items():
+        if m in ("none", "oracle"):
+            continue
+        vals = []
+        for r, r0, r1 in zip(rs, runs["none"], runs["oracle"], strict=False):
+            gap = nmad(r0) - nmad(r1)
+            vals.append(float((nmad(r0) - nmad(r)) / gap) if gap > 0 else float("nan"))
+        out[m] = vals
+    return out
+
+
 def _dev_choice_summary(runs: dict, summary: dict) -> dict:
     """log_mstar NMAD, domain AUC after and gap closure had each adapter's weight been chosen by
     DEV (protocol v2's rule), for comparison with :func:`select_weight`'s choice."""
@@ -447,6 +466,9 @@ def results_markdown(r: dict) -> str:
                 for lab in labels) + " |")
     lines += ["", "Fraction of the none → oracle gap in log_mstar NMAD closed: " +
               ", ".join(f"{m} {v:+.0%}" for m, v in r["closure"].items()), ""]
+    if r.get("closure_per_seed"):
+        lines += ["Per seed: " + "; ".join(f"{m} " + "/".join(f"{v:+.0%}" for v in vs)
+                                           for m, vs in r["closure_per_seed"].items()), ""]
     if "runs" in r:
         lines += ["Alignment weights chosen (per seed; lowest held-out domain AUC among runs within "
                   "ln 1.1 of the best source-validation NLL): " + "; ".join(

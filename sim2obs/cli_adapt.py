@@ -130,7 +130,7 @@ def add_demo(sub) -> None:
         ),
     )
     p.add_argument("--out", type=Path, default=Path("demo"), help="output folder (default demo/)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (about 2 minutes on 2 CPU cores; used by CI)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (under a minute on 2 idle CPU cores; used by CI)")
     p.add_argument("--method", choices=[m for m in METHODS if m != "none"], default="sinkhorn",
                    help="adapter compared with the source-only baseline (default sinkhorn)")
     p.add_argument("--seed", type=int, default=0)

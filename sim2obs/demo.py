@@ -55,7 +55,7 @@ class DemoSizes:
 
 
 QUICK = DemoSizes(n_source=96, n_target=64, stamp=56, pretrain_epochs=3, adapt_epochs=20,
-                  batch_size=32, n_boot=10, n_perm=20, n_morph=12)
+                  batch_size=32, n_boot=10, n_perm=10, n_morph=6)
 
 
 def _universe(path: Path, n_galaxies: int, seed: int, progress: bool) -> Path:

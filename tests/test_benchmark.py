@@ -87,6 +87,22 @@ def test_dev_choice_is_summarised_and_printed_beside_the_protocol_choice():
     assert "Had DEV chosen the weights" in md and "mmd +20% closed, AUC 0.790 (weights 1)" in md
 
 
+def test_closure_per_seed():
+    from sim2obs.benchmark import _closure_per_seed
+
+    runs = {"none": [_run(0.30, 0.8), _run(0.25, 0.8)], "oracle": [_run(0.20, 0.8), _run(0.26, 0.8)],
+            "mmd": [_run(0.27, 0.6), _run(0.24, 0.6)]}
+    c = _closure_per_seed(runs)
+    assert list(c) == ["mmd"] and c["mmd"][0] == pytest.approx(0.3)
+    import math
+
+    assert math.isnan(c["mmd"][1])  # that seed's oracle is worse than none: undefined
+    r = {"protocol": PROTOCOL, "seeds": 2, "summary": _summarise(runs, PROTOCOL["labels"]),
+         "closure": {"mmd": 0.5}, "closure_per_seed": c, "references": [], "seconds": 1,
+         "gap_before": {"c2st_auc": {"mean": 0.8, "std": 0.0}, "sinkhorn": {"mean": 1.0, "std": 0.0}}}
+    assert "Per seed: mmd +30%/+nan%" in results_markdown(r)
+
+
 def test_quick_benchmark_end_to_end(tmp_path):
     """One seed, one adapter, quick sizes: every grid run is scored for the selection and the
     results file holds the chosen and DEV's weights and finite metrics."""
