@@ -148,6 +148,11 @@ def _features(run: Path, folder: Path, n_max: int = 1000) -> np.ndarray:
     return emb[:n_max]
 
 
+def _gap_after(run: Path, data: dict[str, Path], seed: int) -> dict[str, float]:
+    """Gap metrics between a run's features of the source and of ``target_test``."""
+    return _gap(_features(run, data["source"]), _features(run, data["target_test"]), seed)
+
+
 def _check_encoder(run: Path, pre: Path) -> None:
     """Refuse a finished run (reused from an earlier call) that adapted another encoder."""
     used = json.loads((run / "config.json").read_text()).get("pretrained")
@@ -293,15 +298,13 @@ def run_benchmark(out: str | Path, seeds: int = 3, methods=None, quick: bool = F
                        if c["adapter_weight"]}}
             if m == "none":
                 res["gap"] = _gap(*before, seed)
-            src_test = _features(run, data["source"]), _features(run, data["target_test"])
-            res["gap_after"] = _gap(*src_test, seed)
+            res["gap_after"] = _gap_after(run, data, seed)
             if len(grid) > 1:
                 dr = dev_pick["run"]
                 res["dev_choice"] = {
                     "adapter_weight": dev_pick["adapter_weight"],
                     "scores": sc if dr == run else scores(predict(dr, [data["target_test"]], progress=False)),
-                    "gap_after": res["gap_after"] if dr == run else _gap(
-                        _features(dr, data["source"]), _features(dr, data["target_test"]), seed)}
+                    "gap_after": res["gap_after"] if dr == run else _gap_after(dr, data, seed)}
             runs.setdefault(m, []).append(res)
             w = pick["adapter_weight"]
             log(f"seed {seed} {m:>9}" + (f" (weight {w:g})" if w else "") + ": " + ", ".join(
@@ -388,12 +391,17 @@ def _summarise(runs: dict, labels) -> dict:
     return out
 
 
+def _closed(none: float, oracle: float, run: float) -> float:
+    """Fraction of the none -> oracle NMAD gap that ``run`` closes (NaN without a gap)."""
+    gap = none - oracle
+    return float((none - run) / gap) if gap > 0 else float("nan")
+
+
 def _closure(summary: dict) -> dict:
     """Fraction of the none -> oracle log_mstar NMAD gap each adapter closes."""
     none = summary["none"]["log_mstar.nmad"]["mean"]
     oracle = summary["oracle"]["log_mstar.nmad"]["mean"]
-    gap = none - oracle
-    return {m: (float((none - d["log_mstar.nmad"]["mean"]) / gap) if gap > 0 else float("nan"))
+    return {m: _closed(none, oracle, d["log_mstar.nmad"]["mean"])
             for m, d in summary.items() if m not in ("none", "oracle")}
 
 
@@ -407,11 +415,8 @@ def _closure_per_seed(runs: dict) -> dict:
     for m, rs in runs.items():
         if m in ("none", "oracle"):
             continue
-        vals = []
-        for r, r0, r1 in zip(rs, runs["none"], runs["oracle"], strict=False):
-            gap = nmad(r0) - nmad(r1)
-            vals.append(float((nmad(r0) - nmad(r)) / gap) if gap > 0 else float("nan"))
-        out[m] = vals
+        out[m] = [_closed(nmad(r0), nmad(r1), nmad(r))
+                  for r, r0, r1 in zip(rs, runs["none"], runs["oracle"], strict=False)]
     return out
 
 
@@ -419,7 +424,7 @@ def _dev_choice_summary(runs: dict, summary: dict) -> dict:
     """log_mstar NMAD, domain AUC after and gap closure had each adapter's weight been chosen by
     DEV (protocol v2's rule), for comparison with :func:`select_weight`'s choice."""
     none = summary["none"]["log_mstar.nmad"]["mean"]
-    gap = none - summary["oracle"]["log_mstar.nmad"]["mean"]
+    oracle = summary["oracle"]["log_mstar.nmad"]["mean"]
     out = {}
     for m, rs in runs.items():
         if not all("dev_choice" in r for r in rs):
@@ -430,7 +435,7 @@ def _dev_choice_summary(runs: dict, summary: dict) -> dict:
         out[m] = {"weights": [x["adapter_weight"] for x in d],
                   "log_mstar.nmad": {"mean": float(np.mean(nmad)), "std": float(np.std(nmad))},
                   "c2st_auc": {"mean": float(np.mean(auc)), "std": float(np.std(auc))},
-                  "closure": float((none - np.mean(nmad)) / gap) if gap > 0 else float("nan")}
+                  "closure": _closed(none, oracle, float(np.mean(nmad)))}
     return out
 
 
@@ -471,7 +476,7 @@ def results_markdown(r: dict) -> str:
                                            for m, vs in r["closure_per_seed"].items()), ""]
     if "runs" in r:
         lines += ["Alignment weights chosen (per seed; lowest held-out domain AUC among runs within "
-                  "ln 1.1 of the best source-validation NLL): " + "; ".join(
+                  f"ln {math.exp(NLL_TOLERANCE):g} of the best source-validation NLL): " + "; ".join(
                       f"{m} " + "/".join(f"{x['adapter_weight']:g}" for x in rs)
                       for m, rs in r["runs"].items() if rs and rs[0].get("adapter_weight")), ""]
     if r.get("dev_choice"):
