@@ -1,16 +1,21 @@
 """Pretraining throughput: ``sim2obs pretrain`` vs a bare reference loop, in one run.
 
 * bare loop: the same model (encoder + projection head), the same global batch and loss, on
-  tensors already in memory, with the cheapest possible views (flips) -- the ceiling;
+  views already made and in memory (the stretched image and its mirror) -- the ceiling;
 * sim2obs: :func:`sim2obs.pretrain.train.pretrain` reading HDF5 shards lazily, with the default
-  physical augmentations, normalisation, metrics and checkpointing;
-* loader only: reading + augmenting + normalising batches without a model, through the same
-  :func:`~sim2obs.pretrain.train.prepare_views` as pretrain (must be much faster than training,
-  or the data pipeline is the bottleneck);
+  physical augmentations, normalisation, metrics and checkpointing (rate of its last epoch, so
+  start-up is excluded as the bare loop's warm-up step is);
+* loader only: reading + augmenting + normalising batches without a model, exactly as pretrain
+  makes them (must be much faster than training, or the data pipeline is the bottleneck);
+* two ways to share the CPU: (a) everything on all threads, augmentations in the training
+  process (``--augment-on device``, the default); (b) one core for the data: the model on
+  ``threads - 1`` threads and the augmentations in one DataLoader worker in parallel
+  (``--augment-on loader --num-workers 1``), compared with the bare loop on the same
+  ``threads - 1`` threads;
 * fp32 vs bf16 autocast + channels_last, and the GPU when one is present.
 
 Ratios are taken within this run (machines here are noisy). Usage:
-``python benchmarks/pretrain.py [--n 512] [--batch-size 64] [--steps 6] [--quick]``.
+``python benchmarks/pretrain.py [--n 1536] [--batch-size 64] [--steps 20] [--quick]``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from sim2obs import encoders  # noqa: E402
 from sim2obs.data.dataset import Normalizer, ShardDataset  # noqa: E402
 from sim2obs.pretrain.losses import NTXentLoss  # noqa: E402
 from sim2obs.pretrain.train import (  # noqa: E402
+    LoaderViews,
     PairDataset,
     PretrainConfig,
     SSLModel,
@@ -43,7 +49,8 @@ from sim2obs.pretrain.train import (  # noqa: E402
 
 
 def bare_loop(x: torch.Tensor, cfg: PretrainConfig, steps: int, device: torch.device) -> float:
-    """Samples/s of the minimal training loop on in-memory tensors."""
+    """Samples/s of the minimal training loop on in-memory tensors: both views (the
+    stretched image and its mirror) made before timing, so only the model step is timed."""
     torch.manual_seed(0)
     enc = encoders.build(cfg.encoder, x.shape[1], cfg.embed_dim, **cfg.encoder_kwargs)
     model = SSLModel(enc, cfg.proj_hidden, cfg.proj_dim).to(device)
@@ -52,18 +59,17 @@ def bare_loop(x: torch.Tensor, cfg: PretrainConfig, steps: int, device: torch.de
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     loss_fn = NTXentLoss(cfg.temperature)
     amp = autocast_dtype(cfg.precision, device)
-    x = x.to(device)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    view1 = torch.asinh(x).to(device).contiguous(memory_format=fmt)  # stretched once, outside the loop
+    view2 = torch.flip(view1, dims=(-1,)).contiguous(memory_format=fmt)
     bs = cfg.batch_size
 
     def one(i):
-        b = x[(i * bs) % (len(x) - bs):][:bs]
-        v1, v2 = b, torch.flip(b, dims=(-1,))
-        if cfg.channels_last:
-            v1 = v1.contiguous(memory_format=torch.channels_last)
-            v2 = v2.contiguous(memory_format=torch.channels_last)
+        start = (i * bs) % (len(x) - bs)
+        v1, v2 = view1[start:start + bs], view2[start:start + bs]
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            _, z1 = model(torch.asinh(v1))
-            _, z2 = model(torch.asinh(v2))
+            _, z1 = model(v1)
+            _, z2 = model(v2)
             loss = loss_fn(z1.float(), z2.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -81,45 +87,56 @@ def bare_loop(x: torch.Tensor, cfg: PretrainConfig, steps: int, device: torch.de
 
 
 def sim2obs_rate(folder: Path, cfg: PretrainConfig, steps: int, device: str) -> float:
-    """Samples/s of sim2obs pretrain (training loop time, as logged in metrics.csv)."""
+    """Samples/s of sim2obs pretrain: its last epoch's rate in metrics.csv (training loop time;
+    the first epoch holds the start-up: worker processes, first kernels)."""
+    import csv
+
     with tempfile.TemporaryDirectory() as tmp:
         run = pretrain([folder], Path(tmp) / "run", cfg, device=device, progress=False,
                        max_steps_per_epoch=steps)
-        import csv
-
         rows = list(csv.DictReader((run / "metrics.csv").open()))
         return float(rows[-1]["samples_per_s"])
 
 
 def loader_rate(folder: Path, cfg: PretrainConfig, steps: int, device: torch.device) -> float:
+    """Samples/s of the data path alone (batches made as pretrain makes them; the first batch,
+    with the workers' start-up, is not timed)."""
     ds = ShardDataset([folder], split="train", val_fraction=cfg.val_fraction)
     norm = Normalizer.from_noise(ds)
-    aug = build_augment(cfg, ds).to(device)
-    loader = torch.utils.data.DataLoader(PairDataset(ds, True, 0), batch_size=cfg.batch_size,
+    aug = build_augment(cfg, ds)
+    views = LoaderViews(aug, norm, cfg.seed, cfg.channels_last and device.type == "cpu") if cfg.augment_on == "loader" else None
+    aug = aug.to(device)
+    loader = torch.utils.data.DataLoader(PairDataset(ds, True, 0, views=views), batch_size=cfg.batch_size,
                                          shuffle=True, drop_last=True, collate_fn=_collate,
                                          num_workers=cfg.num_workers)
     g = torch.Generator().manual_seed(0)
-    n = 0
-    t = time.perf_counter()
+    n, t = 0, 0.0
     for i, (a, b) in enumerate(loader):
-        prepare_views(a, b, aug, norm, g, device, cfg.channels_last)  # what pretrain does per step
+        if views is None:
+            prepare_views(a, b, aug, norm, g, device, cfg.channels_last)  # what pretrain does per step
+        else:
+            fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+            a.to(device).contiguous(memory_format=fmt), b.to(device).contiguous(memory_format=fmt)
+        if i == 0:
+            t = time.perf_counter()
+            continue
         n += cfg.batch_size
-        if i + 1 >= steps:
+        if i >= steps:
             break
     return n / (time.perf_counter() - t)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=512, help="galaxies in the synthetic shards")
+    p.add_argument("--n", type=int, default=1536, help="galaxies in the synthetic shards")
     p.add_argument("--stamp", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=20, help="timed steps (training: per epoch, 2 epochs)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke run, < 1 min)")
     args = p.parse_args()
     if args.quick:
-        args.n, args.stamp, args.batch_size, args.steps = 128, 32, 32, 2
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+        args.n, args.stamp, args.batch_size, args.steps = 160, 32, 32, 3
+    threads = torch.get_num_threads()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_synthetic_shards(Path(tmp) / "shards", n=args.n, bands=("g", "r", "i", "z", "y"),
@@ -128,18 +145,28 @@ def main() -> None:
             [ShardDataset([folder]).raw(i)["image"][None] for i in range(args.n)]))
         print(f"{args.n} synthetic 5-band {args.stamp}x{args.stamp} galaxies, global batch "
               f"{args.batch_size}, {args.steps} timed steps, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads")
+              f"{threads} threads")
         for dev in devices:
             name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
-            for label, prec, cl in (("fp32", "fp32", False), ("bf16+channels_last", "bf16", True)):
-                cfg = PretrainConfig(batch_size=args.batch_size, precision=prec, channels_last=cl,
-                                     val_fraction=0.05, epochs=1, warmup_epochs=0.0)
-                bare = bare_loop(x, cfg, args.steps, dev)
-                ours = sim2obs_rate(folder, cfg, args.steps, dev.type)
-                load = loader_rate(folder, cfg, args.steps, dev)
-                print(f"[{name}, {label:18s}] bare loop {bare:8.1f} samples/s | sim2obs pretrain "
-                      f"{ours:8.1f} ({ours / bare:4.2f}x bare, target >= 0.9) | loader+augment "
-                      f"{load:8.1f} ({load / ours:4.1f}x training, target >= 3)")
+            # (label, model threads, where the augmentations run, DataLoader workers)
+            shares = [(f"{threads} threads, augment on device", threads, "device", 0)]
+            if dev.type == "cpu" and threads > 1:
+                shares.append((f"{threads - 1} model thread(s) + 1 loader worker", threads - 1, "loader", 1))
+            elif dev.type == "cuda":
+                shares.append(("augment in 1 loader worker (CPU)", threads, "loader", 1))
+            for share, n_threads, augment_on, workers in shares:
+                torch.set_num_threads(n_threads)
+                for label, prec, cl in (("fp32", "fp32", False), ("bf16+channels_last", "bf16", True)):
+                    cfg = PretrainConfig(batch_size=args.batch_size, precision=prec, channels_last=cl,
+                                         val_fraction=0.05, epochs=2, warmup_epochs=0.0,
+                                         augment_on=augment_on, num_workers=workers)
+                    bare = bare_loop(x, cfg, args.steps, dev)
+                    ours = sim2obs_rate(folder, cfg, args.steps, dev.type)
+                    load = loader_rate(folder, cfg, args.steps, dev)
+                    print(f"[{name}, {share}, {label}] bare loop {bare:7.1f} samples/s | sim2obs "
+                          f"pretrain {ours:7.1f} ({ours / bare:4.2f}x bare, target >= 0.9) | loader"
+                          f"+augment {load:7.1f} ({load / ours:4.1f}x training, target >= 3)")
+            torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

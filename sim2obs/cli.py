@@ -235,6 +235,13 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--augment-on", choices=("device", "loader"), default="device",
+                   help="where the augmentations run. device (default): on the training device in "
+                        "the training process (best with a GPU). loader: in the --num-workers "
+                        "DataLoader processes on the CPU, in parallel with the training step (for "
+                        "CPU training: give the data its own cores, e.g. --threads N-k "
+                        "--num-workers k on an N-core machine, k >= 1); the same result for any "
+                        "--num-workers")
     p.add_argument("--stream", action="store_true",
                    help="out-of-core data: stream the shards (one open at a time per reader), "
                         "shared among ranks and workers, through a shuffle buffer; pairs are two "
@@ -257,7 +264,7 @@ def _cmd_pretrain(args) -> int:
         cross_survey=not args.no_cross_survey, val_fraction=args.val_fraction,
         precision=args.precision, channels_last=not args.no_channels_last, compile=args.compile,
         num_workers=args.num_workers, seed=args.seed, norm=args.norm,
-        stream=args.stream, shuffle_buffer=args.shuffle_buffer,
+        augment_on=args.augment_on, stream=args.stream, shuffle_buffer=args.shuffle_buffer,
     )
     if isinstance(args.resume, str):
         if args.out is not None and Path(args.resume) != args.out:

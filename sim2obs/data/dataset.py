@@ -292,9 +292,11 @@ class ShardDataset:
             if not finite.all():
                 bad = ~finite if iv is None else (~finite & (iv > 0))
                 if np.any(bad):
+                    rows_bad = uniq[bad.reshape(len(uniq), -1).any(axis=1)]
+                    ids = f["labels/object_id"][rows_bad.tolist()].tolist()
                     raise Sim2ObsDataError(
-                        f"'{self.files[fi]}': {int(bad.sum())} NaN pixels not masked by ivar = 0; "
-                        "re-ingest or mask them"
+                        f"'{self.files[fi]}' object(s) {ids[:5]}{' ...' if len(ids) > 5 else ''}: "
+                        f"{int(bad.sum())} NaN pixels not masked by ivar = 0; re-ingest or mask them"
                     )
                 img = np.where(finite, img, np.float32(0.0))
             _put(images, where, img, inverse)

@@ -5,6 +5,9 @@ projection head and loss.
 * Views: two augmentations of each galaxy; with several survey folders, the second view of a
   galaxy is, when it exists, the same simulated galaxy rendered by another survey (same
   ``object_id``) -- a positive pair that teaches survey invariance from the forward model.
+* Augmentations run on the training device (``augment_on='device'``) or, for CPU training with
+  cores to spare, in the DataLoader worker processes (``'loader'``, :class:`LoaderViews`), in
+  parallel with the training step; either way the run does not depend on ``num_workers``.
 * Device: ``auto`` picks CUDA > MPS > CPU; bf16 autocast where supported (fp16 + GradScaler on
   CUDA GPUs without bf16); optional channels_last and ``torch.compile``.
 * Schedule: AdamW, linear warm-up then cosine decay per step; gradient clipping.
@@ -44,6 +47,8 @@ from sim2obs.data.dataset import Normalizer, ShardDataset
 from sim2obs.errors import Sim2ObsDataError, Sim2ObsFileNotFoundError, Sim2ObsValueError
 
 METHODS = ("simclr", "vicreg")
+#: Where the augmentations run: on the training device in the main process, or in the DataLoader.
+AUGMENT_ON = ("device", "loader")
 CHECKPOINT = "checkpoint.pt"
 
 #: Default encoder for CPU-friendly runs: a 4-stage ResNet, 16 base channels, stride-2 stem.
@@ -72,6 +77,7 @@ class PretrainConfig:
     val_fraction: float = 0.1
     split_seed: int = 0
     augment: str = "physical"
+    augment_on: str = "device"  # 'device' (main process, training device) or 'loader' (CPU workers)
     cross_survey: bool = True
     precision: str = "auto"
     channels_last: bool = True
@@ -86,6 +92,13 @@ class PretrainConfig:
             raise Sim2ObsValueError(f"unknown method '{self.method}'; use one of {list(METHODS)}")
         if self.augment not in ("physical", "geometric", "none"):
             raise Sim2ObsValueError("augment must be 'physical', 'geometric' or 'none'")
+        if self.augment_on not in AUGMENT_ON:
+            raise Sim2ObsValueError(f"augment_on must be one of {list(AUGMENT_ON)}, got '{self.augment_on}'")
+        if self.augment_on == "loader" and self.stream:
+            raise Sim2ObsValueError(
+                "--augment-on loader is not available with --stream (the views are keyed by "
+                "dataset index); use --augment-on device with --stream"
+            )
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise Sim2ObsValueError("precision must be auto, fp32, bf16 or fp16")
         if self.epochs < 1 or self.batch_size < 2 or not self.lr > 0:
@@ -196,12 +209,20 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
 
 class PairDataset(torch.utils.data.Dataset):
     """Items ``(view_a, view_b)`` of raw arrays. View b is the same galaxy in another survey
-    (same object_id) when ``cross_survey`` and one exists, chosen by (seed, epoch, index)."""
+    (same object_id) when ``cross_survey`` and one exists, chosen by (seed, epoch, index).
 
-    def __init__(self, base: ShardDataset, cross_survey: bool, seed: int):
+    An index may be an ``(epoch, i)`` pair (what :class:`EpochSampler` yields): the epoch then
+    travels with it into persistent DataLoader workers, whose copies of this dataset never see
+    :meth:`set_epoch`. With ``views`` (a :class:`LoaderViews`), a batch comes out augmented and
+    normalised, ``(x_a, x_b)`` tensors, instead of raw arrays.
+    """
+
+    def __init__(self, base: ShardDataset, cross_survey: bool, seed: int,
+                 views: LoaderViews | None = None):
         self.base = base
         self.seed = int(seed)
         self.epoch = 0
+        self.views = views
         self.partners: list[np.ndarray] | None = None
         if cross_survey and len(set(base.surveys)) > 1:
             surveys = np.array([base.surveys[f] for f in base.file_of])
@@ -221,35 +242,116 @@ class PairDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    def _key(self, item) -> tuple[int, int]:
+        """``(epoch, index)`` of an item: an ``(epoch, i)`` pair, or a bare index at this
+        dataset's own epoch."""
+        if isinstance(item, tuple):
+            return int(item[0]), int(item[1])
+        return self.epoch, int(item)
+
     @staticmethod
     def _pack(item: dict) -> dict:
         ivar = item["ivar"] if item["ivar"] is not None else np.ones_like(item["image"])
         return {"image": torch.from_numpy(item["image"]), "ivar": torch.from_numpy(ivar)}
 
-    def partner(self, i: int) -> int:
+    def partner(self, i: int, epoch: int | None = None) -> int:
         """Index of the second view's item (``i`` itself when there is no other survey)."""
         if self.partners is not None and self.partners[i].size:
-            rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+            rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, int(i)])
             return int(rng.choice(self.partners[i]))
         return int(i)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item):
+        epoch, i = self._key(item)
+        if self.views is not None:
+            return self.__getitems__([(epoch, i)])
         a = self.base.raw(i)
-        j = self.partner(i)
+        j = self.partner(i, epoch)
         b = a if j == i else self.base.raw(j)
         return self._pack(a), self._pack(b)
 
-    def __getitems__(self, indices):
+    def __getitems__(self, items):
         """Batched fetch (used by the DataLoader): one HDF5 read per shard per view."""
-        idx = [int(i) for i in indices]
+        keys = [self._key(item) for item in items]
+        idx = [i for _, i in keys]
         img_a, ivar_a = self.base.raw_many(idx)
-        partners = [self.partner(i) for i in idx]
+        partners = [self.partner(i, e) for e, i in keys]
         if partners == idx:
             img_b, ivar_b = img_a, ivar_a
         else:
             img_b, ivar_b = self.base.raw_many(partners)
-        return ({"image": torch.from_numpy(img_a), "ivar": torch.from_numpy(ivar_a)},
-                {"image": torch.from_numpy(img_b), "ivar": torch.from_numpy(ivar_b)})
+        a = {"image": torch.from_numpy(img_a), "ivar": torch.from_numpy(ivar_a)}
+        b = {"image": torch.from_numpy(img_b), "ivar": torch.from_numpy(ivar_b)}
+        if self.views is not None:
+            return self.views(a, b, keys)
+        return a, b
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Wraps an epoch-aware sampler (``DistributedSampler``) and yields ``(epoch, index)``.
+
+    DataLoader workers hold their own copy of the dataset, made when they start; with
+    ``persistent_workers`` they live for the whole run, so a dataset's ``set_epoch`` in the main
+    process never reaches them. The sampler runs in the main process: passing the epoch with every
+    index keeps per-epoch draws (cross-survey partners, loader-side augmentations) a function of
+    the epoch for any ``num_workers``, and a resumed run equal to an uninterrupted one.
+    """
+
+    def __init__(self, sampler: torch.utils.data.Sampler) -> None:
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, int(i)) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class LoaderViews:
+    """Augment and normalise a batch of pairs where it is read: in the DataLoader, on the CPU.
+
+    With ``--augment-on loader`` the augmentations run in the DataLoader's worker processes, in
+    parallel with the training step, instead of in the training process: for training on a CPU
+    with cores to spare for ``--num-workers`` (the data preparation then no longer takes turns
+    with the model on the same cores). The random draws of a batch come from a generator seeded
+    by ``(seed, epoch, indices of the batch)``, so the views -- and the run -- do not depend on
+    ``num_workers`` (0 runs the same code in the main process) nor on which worker made a batch.
+    Views are always made with one intra-op thread, as PyTorch sets in DataLoader workers: some
+    kernels (the FFTs of ``RandomShift``) round differently with another thread count.
+
+    ``__call__(a, b, keys)``: ``a``, ``b`` dicts of ``image``/``ivar`` (N, B, H, W) tensors,
+    ``keys`` the N ``(epoch, index)`` pairs -> ``(x_a, x_b)``, each (N, B, H, W) float32.
+    """
+
+    def __init__(self, augment: nn.Module, normalizer: Normalizer, seed: int,
+                 channels_last: bool = False) -> None:
+        self.augment = augment.cpu()
+        self.normalizer = normalizer
+        self.seed = int(seed)
+        self.channels_last = bool(channels_last)
+
+    def generator(self, keys: list[tuple[int, int]]) -> torch.Generator:
+        entropy = [self.seed] + [v for key in keys for v in key]
+        state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
+        return torch.Generator().manual_seed(int(state))
+
+    def __call__(self, a: dict, b: dict, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        threads = torch.get_num_threads()
+        if threads != 1:  # the main process (num_workers=0); workers already run one thread
+            torch.set_num_threads(1)
+        try:
+            return prepare_views(a, b, self.augment, self.normalizer, self.generator(keys),
+                                 torch.device("cpu"), self.channels_last)
+        finally:
+            if threads != 1:
+                torch.set_num_threads(threads)
 
 
 def build_augment(config: PretrainConfig, dataset: ShardDataset):
@@ -498,10 +600,13 @@ def pretrain(
             )
         epoch_aware: list = [train_ds]
     else:
-        pairs = PairDataset(train_ds, config.cross_survey, config.seed)
-        sampler = torch.utils.data.distributed.DistributedSampler(
+        views = (LoaderViews(build_augment(config, train_ds), normalizer, config.seed,
+                             channels_last=config.channels_last and dev.type == "cpu")
+                 if config.augment_on == "loader" else None)
+        pairs = PairDataset(train_ds, config.cross_survey, config.seed, views=views)
+        sampler = EpochSampler(torch.utils.data.distributed.DistributedSampler(
             pairs, num_replicas=dist_info.world, rank=dist_info.rank, shuffle=True,
-            seed=config.seed, drop_last=True)
+            seed=config.seed, drop_last=True))
         loader = torch.utils.data.DataLoader(
             pairs, batch_size=local_batch, sampler=sampler, drop_last=True,
             num_workers=config.num_workers, collate_fn=_collate,
@@ -551,7 +656,11 @@ def pretrain(
             w.writerows(rows)
 
     def step_loss(a, b, gen):
-        xa, xb = prepare_views(a, b, augment, normalizer, gen, dev, config.channels_last)
+        if isinstance(a, dict):  # raw pairs: augment and normalise on the training device
+            xa, xb = prepare_views(a, b, augment, normalizer, gen, dev, config.channels_last)
+        else:  # views made in the DataLoader (--augment-on loader)
+            fmt = torch.channels_last if config.channels_last else torch.contiguous_format
+            xa, xb = (x.to(dev, non_blocking=True).contiguous(memory_format=fmt) for x in (a, b))
         with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             ha, za = train_model(xa)
             hb, zb = train_model(xb)

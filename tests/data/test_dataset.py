@@ -71,3 +71,27 @@ def test_errors(synthetic_folders, tmp_path):
         ShardDataset(synthetic_folders[0], split="test")
     with pytest.raises(FileNotFoundError):
         ShardDataset(tmp_path / "nothing")
+
+
+def test_nan_pixels(make_shards, tmp_path):
+    """A NaN pixel with ivar > 0 is refused (file and object named, by raw and raw_many); one
+    masked with ivar = 0 reads as 0 flux."""
+    import h5py
+
+    folder = make_shards(tmp_path / "nan", n=8, survey="hsc", stamp=16, shard_size=8)
+    path = sorted(folder.glob("*.h5"))[0]
+    with h5py.File(path, "r+") as f:
+        f["images"][2, 0, 5, 5] = np.nan  # unmasked
+        f["images"][3, 1, 4, 4] = np.nan
+        f["ivar"][3, 1, 4, 4] = 0.0  # masked
+        ids = f["labels/object_id"][()]
+    ds = ShardDataset([folder])
+    row = {int(v): i for i, v in enumerate(ds.object_id)}
+    bad, masked = row[int(ids[2])], row[int(ids[3])]
+    for read in (lambda: ds.raw(bad), lambda: ds.raw_many([masked, bad])):
+        with pytest.raises(Sim2ObsDataError, match=f"{path.name}.*{int(ids[2])}.*NaN"):
+            read()
+    item = ds.raw(masked)
+    assert item["image"][1, 4, 4] == 0.0 and np.isfinite(item["image"]).all()
+    images, ivar = ds.raw_many([masked])
+    assert images[0, 1, 4, 4] == 0.0 and ivar[0, 1, 4, 4] == 0.0

@@ -4,6 +4,7 @@ import csv
 import os
 import subprocess
 import sys
+from dataclasses import replace as dataclasses_replace
 
 import numpy as np
 import pytest
@@ -67,6 +68,72 @@ def test_cross_survey_pairs(synthetic_folders, tmp_path):
         assert not torch.equal(a["image"], b["image"])
     pretrain(list(synthetic_folders), tmp_path / "x", PretrainConfig(bands=("g", "r", "i"), **TINY),
              progress=False)
+
+
+def test_epoch_reaches_persistent_workers(synthetic_folders, make_shards, tmp_path):
+    """Three surveys (two partners per galaxy): the partner drawn for epoch 1 must be epoch 1's
+    in a persistent worker too, whose copy of the dataset never sees set_epoch."""
+    from sim2obs.data.dataset import ShardDataset
+    from sim2obs.pretrain.train import EpochSampler, PairDataset, _collate
+
+    third = make_shards(tmp_path / "des", n=96, survey="des", bands=("g", "r", "i"), seed=3)
+    ds = ShardDataset([*synthetic_folders, third], bands=("g", "r", "i"))
+    pairs = PairDataset(ds, cross_survey=True, seed=0)
+    assert all(pairs.partners[i].size == 2 for i in range(len(ds)))
+    draws = [[pairs.partner(i, epoch) for i in range(len(ds))] for epoch in (0, 1)]
+    assert draws[0] != draws[1]  # the partner choice does change with the epoch
+
+    def second_views(num_workers):
+        sampler = EpochSampler(torch.utils.data.SequentialSampler(pairs))
+        loader = torch.utils.data.DataLoader(pairs, batch_size=48, sampler=sampler, collate_fn=_collate,
+                                             num_workers=num_workers, persistent_workers=num_workers > 0)
+        out = []
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            out.append(torch.cat([b["image"] for _, b in loader]))
+        return out
+
+    expected = [torch.from_numpy(ds.raw_many(d)[0]) for d in draws]
+    for num_workers in (0, 1):
+        got = second_views(num_workers)
+        for epoch in (0, 1):
+            torch.testing.assert_close(got[epoch], expected[epoch], rtol=0, atol=0)
+
+
+def test_augment_on_loader_same_run_for_any_num_workers(synthetic_folders, tmp_path):
+    from sim2obs.data.dataset import Normalizer, ShardDataset
+    from sim2obs.pretrain.train import LoaderViews, PairDataset, build_augment
+
+    cfg = PretrainConfig(augment_on="loader", **TINY)
+    runs = [pretrain([synthetic_folders[0]], tmp_path / f"w{w}", dataclasses_replace(cfg, num_workers=w),
+                     progress=False, max_steps_per_epoch=3) for w in (0, 2)]
+    a, b = (load_checkpoint(r)["model"] for r in runs)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    # the views: normalised, augmented (not the bare stretch), a function of (seed, epoch, indices)
+    ds = ShardDataset([synthetic_folders[0]])
+    norm = Normalizer.from_noise(ds)
+    views = LoaderViews(build_augment(cfg, ds), norm, seed=0)
+    pairs = PairDataset(ds, cross_survey=False, seed=0, views=views)
+    keys = [(0, 3), (0, 7), (0, 11)]
+    xa, xb = pairs.__getitems__(keys)
+    assert xa.shape == xb.shape == (3, 3, 32, 32) and xa.dtype == torch.float32
+    torch.testing.assert_close(pairs.__getitems__(keys)[0], xa, rtol=0, atol=0)
+    assert not torch.equal(xa, xb)  # two augmentations of the same image
+    assert not torch.equal(pairs.__getitems__([(1, 3), (1, 7), (1, 11)])[0], xa)  # new epoch, new draws
+    bare = norm(torch.from_numpy(ds.raw_many([3, 7, 11])[0]))
+    assert not torch.allclose(xa, bare)
+    from sim2obs.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["pretrain", str(synthetic_folders[0]), "--out", str(out), "--epochs", "1",
+                 "--batch-size", "16", "--embed-dim", "16", "--augment-on", "loader",
+                 "--num-workers", "1", "--device", "cpu", "--quiet"]) == 0
+    assert load_checkpoint(out)["config"]["augment_on"] == "loader"
+    with pytest.raises(Sim2ObsValueError, match="augment_on"):
+        PretrainConfig(augment_on="gpu")
+    with pytest.raises(Sim2ObsValueError, match="--stream"):
+        PretrainConfig(augment_on="loader", stream=True)
 
 
 def test_bad_input(synthetic_folders, tmp_path):
