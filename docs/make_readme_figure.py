@@ -24,7 +24,7 @@ from sim2obs.forward_models.render import RenderConfig, render_galaxy  # noqa: E
 from sim2obs.forward_models.simulations import open_source  # noqa: E402
 from sim2obs.forward_models.simulations.mini import build_mini_universe  # noqa: E402
 from sim2obs.forward_models.surveys import get_survey  # noqa: E402
-from sim2obs.plots import _composite, default_rgb_bands  # noqa: E402
+from sim2obs.plots import default_rgb_bands, lupton_composite  # noqa: E402
 
 SURVEYS = ["sdss", "des", "hsc", "lsst", "euclid", "hst-cosmos"]  # worst to best resolution
 FOV_ARCSEC = 12.0
@@ -65,7 +65,7 @@ def main(out: Path = OUT) -> None:
             names = list(spec.band_names)
             rgb = default_rgb_bands(names, [b.effective_wavelength_nm for b in spec.bands])
             planes = [cut.image[names.index(b)] / spec.pixel_scale_arcsec**2 for b in rgb]
-            img = _composite(planes, [1.0] * len(planes), stretch, Q)
+            img = lupton_composite(planes, stretch=stretch, q=Q)
             ax = axes[r, c]
             ax.imshow(img, origin="lower")
             ax.set_xticks([])

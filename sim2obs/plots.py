@@ -126,11 +126,25 @@ def _clean(images: np.ndarray, ivar: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def _composite(planes: list[np.ndarray], sigmas: list[float], stretch: float | None, q: float
-               ) -> np.ndarray:
-    """(H, W, 3) uint8 Lupton composite of 1-3 planes ordered red -> blue."""
+def lupton_composite(planes: Sequence[np.ndarray], sigmas: Sequence[float] | None = None,
+                     stretch: float | None = None, q: float = 8.0) -> np.ndarray:
+    """(H, W, 3) uint8 Lupton et al. (2004, PASP 116, 133) colour composite of 1-3 images.
+
+    ``planes`` are ordered red -> blue (one plane: grey; two: green is their mean). The asinh
+    stretch is ``stretch`` (flux units of the planes) or, when None, ``q`` times the noise sigma
+    of the mean intensity I = (r + g + b) / 3, propagated from the per-plane ``sigmas`` (required
+    then). astropy's ``make_lupton_rgb`` does the mapping, with minimum 0 and softening ``Q = q``.
+    """
     from astropy.visualization import make_lupton_rgb
 
+    planes = [np.asarray(p) for p in planes]
+    if not 1 <= len(planes) <= 3:
+        raise Sim2ObsValueError(f"lupton_composite takes 1 to 3 planes, got {len(planes)}")
+    if stretch is None and sigmas is None:
+        raise Sim2ObsValueError("lupton_composite: give stretch=... or the planes' noise sigmas=...")
+    if sigmas is not None and len(sigmas) != len(planes):
+        raise Sim2ObsValueError(f"lupton_composite: {len(sigmas)} sigmas for {len(planes)} planes")
+    sigmas = list(sigmas) if sigmas is not None else [0.0] * len(planes)
     if len(planes) == 1:
         r = g = b = planes[0]
         sigma_i = sigmas[0]
@@ -210,14 +224,14 @@ def image_grid_figure(shard: Shard, n: int = 16, rgb_bands: Sequence[str] | None
     rgb_name = ",".join(rgb_bands) if len(rgb_bands) > 1 else f"{rgb_bands[0]} (asinh)"
     for i in range(count):
         ax = axes[i, 0] if per_band else axes[i // cols, i % cols]
-        rgb = _composite([images[i, k] for k in rgb_idx], [sigma[k] for k in rgb_idx], stretch, q)
+        rgb = lupton_composite([images[i, k] for k in rgb_idx], [sigma[k] for k in rgb_idx], stretch, q)
         ax.imshow(rgb, origin="lower", interpolation="nearest")
         ax.text(0.03, 0.97, _label_text(shard, i, label_keys), transform=ax.transAxes,
                 va="top", ha="left", fontsize=6.5, color="white", family="monospace",
                 bbox=dict(facecolor="black", alpha=0.45, pad=1.5, edgecolor="none"))
         if per_band:
             for b in range(len(bands)):
-                grey = _composite([images[i, b]], [sigma[b]], stretch, q)
+                grey = lupton_composite([images[i, b]], [sigma[b]], stretch, q)
                 axes[i, 1 + b].imshow(grey, origin="lower", interpolation="nearest")
     if per_band:
         axes[0, 0].set_title(rgb_name, fontsize=8)

@@ -15,6 +15,7 @@ from sim2obs.plots import (
     default_rgb_bands,
     image_grid,
     image_grid_figure,
+    lupton_composite,
     noise_sigma,
 )
 
@@ -187,3 +188,23 @@ def test_never_switches_the_backend(tmp_path):
     before = matplotlib.get_backend()
     image_grid(make_shard(n=1), tmp_path / "a.png")
     assert matplotlib.get_backend() == before
+
+
+def test_lupton_composite():
+    from astropy.visualization import make_lupton_rgb
+
+    rng = np.random.default_rng(3)
+    r, g, b = (rng.normal(0.0, 0.1, (12, 12)).astype(np.float32) + 1.0 for _ in range(3))
+    expected = make_lupton_rgb(r, g, b, minimum=0.0, stretch=0.7, Q=5)
+    assert np.array_equal(lupton_composite([r, g, b], stretch=0.7, q=5), expected)
+    # stretch from the noise: q x sigma of I = (r + g + b) / 3
+    got = lupton_composite([r, g, b], sigmas=[0.3, 0.4, 1.2], q=5)
+    assert np.array_equal(got, make_lupton_rgb(r, g, b, minimum=0.0, stretch=5 * 1.3 / 3, Q=5))
+    grey = lupton_composite([r], stretch=1.0)
+    assert grey.shape == (12, 12, 3) and np.array_equal(grey[..., 0], grey[..., 2])
+    with pytest.raises(Sim2ObsValueError, match="stretch"):
+        lupton_composite([r, g])
+    with pytest.raises(Sim2ObsValueError, match="1 to 3"):
+        lupton_composite([r, g, b, r], stretch=1.0)
+    with pytest.raises(Sim2ObsValueError, match="sigmas"):
+        lupton_composite([r, g], sigmas=[0.1])
