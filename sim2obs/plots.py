@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from sim2obs._atomic import atomic_output
+from sim2obs.data.dataset import MAD_TO_SIGMA
 from sim2obs.data.shards import Shard
 from sim2obs.errors import Sim2ObsKeyError, Sim2ObsValueError
 
@@ -27,8 +28,6 @@ from sim2obs.errors import Sim2ObsKeyError, Sim2ObsValueError
 #: (Fukugita et al. 1996, AJ 111, 1748), the bands of the Lupton et al. (2004) composites.
 RGB_TARGET_NM = (477.0, 623.0, 763.0)
 
-#: Consistency factor between the median absolute deviation and a Gaussian sigma.
-MAD_TO_SIGMA = 1.4826
 
 _PANEL_INCH = 1.7
 

@@ -32,6 +32,35 @@ DEFAULT_ASINH_K = 3.0
 MAX_OPEN_FILES = 64
 
 
+#: Gaussian sigma per median absolute deviation, 1 / Phi^-1(3/4) (Rousseeuw & Croux 1993,
+#: JASA 88, 1273).
+MAD_TO_SIGMA = 1.4826
+
+
+def estimated_ivar(images: np.ndarray) -> np.ndarray:
+    """Inverse variance for stamps that come without one: ``1 / sigma^2``, constant over each
+    stamp and band, with ``sigma = 1.4826 MAD`` of the pixels in the stamp's outer frame (width
+    H/8, at least 2 pixels: sky away from the central galaxy; a galaxy reaching the frame biases
+    sigma high). Stamps with no measurable noise (sigma = 0: noiseless mocks) get ivar = 0, which
+    the augmentations read as "no noise to re-realise".
+
+    ``images`` (..., H, W) float -> float32 array of the same shape.
+    """
+    img = np.asarray(images, dtype=np.float32)
+    h, w = img.shape[-2:]
+    edge = max(2, min(h, w) // 8)
+    frame = np.ones((h, w), dtype=bool)
+    frame[edge:h - edge, edge:w - edge] = False
+    pix = img[..., frame]  # (..., n_frame)
+    with np.errstate(invalid="ignore"):  # all-NaN frames give nan -> ivar 0
+        med = np.nanmedian(pix, axis=-1, keepdims=True)
+        sigma = MAD_TO_SIGMA * np.nanmedian(np.abs(pix - med), axis=-1)
+    ivar = np.zeros(sigma.shape, dtype=np.float32)
+    good = np.isfinite(sigma) & (sigma > 0)
+    ivar[good] = 1.0 / sigma[good] ** 2
+    return np.broadcast_to(ivar[..., None, None], img.shape).astype(np.float32)
+
+
 def split_of(object_ids: np.ndarray, val_fraction: float, seed: int = 0) -> np.ndarray:
     """Boolean mask, True for validation: a SplitMix64 hash of (object_id, seed) (Steele et al.
     2014, OOPSLA) compared with ``val_fraction``; stable across runs, machines and surveys."""
@@ -123,7 +152,7 @@ class Normalizer:
                 border = np.concatenate([img[:, :4].reshape(img.shape[0], -1),
                                          img[:, -4:].reshape(img.shape[0], -1)], axis=1)
                 med = np.median(border, axis=1, keepdims=True)
-                sig.append(1.4826 * np.median(np.abs(border - med), axis=1))
+                sig.append(MAD_TO_SIGMA * np.median(np.abs(border - med), axis=1))
         sigma = np.nanmedian(np.array(sig), axis=0)
         if not np.all(np.isfinite(sigma) & (sigma > 0)):
             raise Sim2ObsDataError(
@@ -273,7 +302,8 @@ class ShardDataset:
 
     def raw_many(self, indices) -> tuple[np.ndarray, np.ndarray]:
         """Images and ivar (n, B, H, W) float32 of many items with one h5py read per shard file
-        (sorted, de-duplicated rows), in the order asked; ivar is 1 where a shard has none.
+        (sorted, de-duplicated rows), in the order asked; where a shard has no ``/ivar``, the
+        noise is estimated from each stamp (:func:`estimated_ivar`).
         NaN pixels must be masked (ivar = 0) and are zeroed, as in :meth:`raw`."""
         idx = np.asarray(indices, dtype=np.int64)
         shape = (idx.size, len(self.bands), *self.stamp)
@@ -300,10 +330,7 @@ class ShardDataset:
                     )
                 img = np.where(finite, img, np.float32(0.0))
             _put(images, where, img, inverse)
-            if iv is None:
-                ivars[where] = 1.0
-            else:
-                _put(ivars, where, iv, inverse)
+            _put(ivars, where, estimated_ivar(img) if iv is None else iv, inverse)
         return images, ivars
 
     def close(self) -> None:

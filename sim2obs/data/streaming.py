@@ -309,11 +309,13 @@ class StreamingShardDataset(torch.utils.data.IterableDataset):
 
 
 def collate_images(items: list[dict]) -> dict:
-    """Stack items into ``{'image': (n,B,H,W), 'ivar': (n,B,H,W)}`` tensors (ivar 1 where a
-    shard has none)."""
+    """Stack items into ``{'image': (n,B,H,W), 'ivar': (n,B,H,W)}`` tensors (ivar estimated
+    from each stamp's noise where a shard has none: :func:`~sim2obs.data.dataset.estimated_ivar`)."""
+    from sim2obs.data.dataset import estimated_ivar
+
     image = torch.from_numpy(np.stack([it["image"] for it in items]))
     ivar = torch.from_numpy(np.stack([
-        it["ivar"] if it["ivar"] is not None else np.ones_like(it["image"]) for it in items]))
+        it["ivar"] if it["ivar"] is not None else estimated_ivar(it["image"]) for it in items]))
     return {"image": image, "ivar": ivar}
 
 

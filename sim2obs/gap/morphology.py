@@ -32,11 +32,11 @@ import warnings
 
 import numpy as np
 
+from sim2obs.data.dataset import MAD_TO_SIGMA
 from sim2obs.data.shards import Shard
 from sim2obs.errors import Sim2ObsValueError
 
 ZEROPOINT_NMGY = 22.5
-MAD_TO_SIGMA = 1.4826
 
 #: statmorph attribute -> statistic name (radii converted to arcsec)
 SHAPE_STATS = {

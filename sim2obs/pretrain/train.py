@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from sim2obs._atomic import atomic_output
-from sim2obs.data.dataset import Normalizer, ShardDataset
+from sim2obs.data.dataset import Normalizer, ShardDataset, estimated_ivar
 from sim2obs.errors import Sim2ObsDataError, Sim2ObsFileNotFoundError, Sim2ObsValueError
 
 METHODS = ("simclr", "vicreg")
@@ -251,7 +251,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _pack(item: dict) -> dict:
-        ivar = item["ivar"] if item["ivar"] is not None else np.ones_like(item["image"])
+        ivar = item["ivar"] if item["ivar"] is not None else estimated_ivar(item["image"])
         return {"image": torch.from_numpy(item["image"]), "ivar": torch.from_numpy(ivar)}
 
     def partner(self, i: int, epoch: int | None = None) -> int:

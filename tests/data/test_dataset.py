@@ -95,3 +95,31 @@ def test_nan_pixels(make_shards, tmp_path):
     assert item["image"][1, 4, 4] == 0.0 and np.isfinite(item["image"]).all()
     images, ivar = ds.raw_many([masked])
     assert images[0, 1, 4, 4] == 0.0 and ivar[0, 1, 4, 4] == 0.0
+
+
+def test_missing_ivar_is_estimated_from_the_stamp(make_shards, tmp_path):
+    """Shards without /ivar (real data may lack it): the noise comes from each stamp's outer
+    frame, so re-realising noise scales it by the asked factor (not ~1 nmgy per pixel)."""
+    import h5py
+
+    from sim2obs.data.dataset import estimated_ivar
+    from sim2obs.pretrain.augment import NoiseResample
+
+    noise = 0.05  # the synthetic shards' pixel sigma (nmgy)
+    folder = make_shards(tmp_path / "noivar", n=32, survey="hsc", stamp=48, shard_size=32, noise=noise)
+    for path in folder.glob("*.h5"):
+        with h5py.File(path, "r+") as f:
+            del f["ivar"]
+    ds = ShardDataset([folder])
+    images, ivar = ds.raw_many(np.arange(len(ds)))
+    assert ds.raw(0)["ivar"] is None
+    sigma = 1.0 / np.sqrt(ivar[:, :, 0, 0])
+    assert np.all(ivar == ivar[:, :, :1, :1])  # constant over each stamp and band
+    assert abs(np.median(sigma) / noise - 1) < 0.05 and np.all(np.abs(sigma / noise - 1) < 0.35)
+    out = NoiseResample(factor_range=(2.0, 2.0))(torch.from_numpy(images), torch.Generator().manual_seed(0),
+                                                 ivar=torch.from_numpy(ivar))
+    added = (out - torch.from_numpy(images)).numpy()
+    assert abs(added.std() / (noise * np.sqrt(3.0)) - 1) < 0.06  # sqrt(2^2 - 1) sigma added
+    # noiseless stamps: nothing to re-realise (ivar 0), never a division by zero
+    flat = estimated_ivar(np.zeros((2, 3, 16, 16), dtype=np.float32))
+    assert flat.shape == (2, 3, 16, 16) and np.all(flat == 0)
