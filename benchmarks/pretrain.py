@@ -3,8 +3,10 @@
 * bare loop: the same model (encoder + projection head), the same global batch and loss, on
   views already made and in memory (the stretched image and its mirror) -- the ceiling;
 * sim2obs: :func:`sim2obs.pretrain.train.pretrain` reading HDF5 shards lazily, with the default
-  physical augmentations, normalisation, metrics and checkpointing (rate of its last epoch, so
-  start-up is excluded as the bare loop's warm-up step is);
+  physical augmentations, normalisation, gradient clipping and the schedule: the rate logged for
+  its last epoch (the training loop; the validation pass, metrics row and checkpoint that follow
+  each epoch are not in it, and the first epoch holds the start-up, as the bare loop's untimed
+  warm-up step does);
 * loader only: reading + augmenting + normalising batches without a model, exactly as pretrain
   makes them (must be much faster than training, or the data pipeline is the bottleneck);
 * two ways to share the CPU: (a) everything on all threads, augmentations in the training

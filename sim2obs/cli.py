@@ -284,7 +284,7 @@ def _add_embed(sub) -> None:
     p.add_argument("run", type=Path, help="run folder of `sim2obs pretrain`")
     p.add_argument("folders", nargs="+", type=Path, help="shard folder(s)")
     p.add_argument("--out", required=True, type=Path, help="output .h5 file")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto (CUDA > MPS > CPU), cuda, cuda:N or mps")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_embed)
@@ -313,7 +313,7 @@ def _add_probe(sub) -> None:
     p.add_argument("folders", nargs="+", type=Path, help="labelled shard folder(s)")
     p.add_argument("--label", nargs="+", default=["log_mstar"], help="label(s) to probe")
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto (CUDA > MPS > CPU), cuda, cuda:N or mps")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_probe)
 
@@ -561,7 +561,7 @@ def _add_gap(sub) -> None:
     p.add_argument("--n-perm", type=int, default=200, help="permutations (default 200)")
     p.add_argument("--n-morph", type=int, default=300,
                    help="galaxies per set for statmorph (random subset; default 300)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto (CUDA > MPS > CPU), cuda, cuda:N or mps")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_gap)
 

@@ -67,9 +67,10 @@ def predict(run_dir: str | Path, folders, device: str = "cpu", batch_size: int =
 
     from sim2obs.adapters.loop import interval_scales, load_adapted
     from sim2obs.pretrain.evaluate import folder_labels
+    from sim2obs.pretrain.train import resolve_device
 
     model, ckpt = load_adapted(run_dir)
-    dev = torch.device(device)
+    dev = resolve_device(device)
     model = model.to(dev)
     scaler = LabelScaler.from_dict(ckpt["label_scaler"])
     scale = interval_scales(ckpt)

@@ -30,7 +30,8 @@ NMAD_SCALE = 1.4826  # MAD -> sigma for a Gaussian
 def compute_embeddings(encoder: torch.nn.Module, normalizer: Normalizer, dataset: ShardDataset,
                        batch_size: int = 256, device: str | torch.device = "cpu",
                        progress: bool = False) -> np.ndarray:
-    """(N, D) float32 embeddings of every item of ``dataset`` (in dataset order)."""
+    """(N, D) float32 embeddings of every item of ``dataset`` (in dataset order); ``device``
+    as for pretraining (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``)."""
     from tqdm.auto import tqdm
 
     if tuple(normalizer.bands) != tuple(dataset.bands):
@@ -38,12 +39,14 @@ def compute_embeddings(encoder: torch.nn.Module, normalizer: Normalizer, dataset
             f"the encoder was trained on bands {list(normalizer.bands)} but the data gives "
             f"{list(dataset.bands)}"
         )
-    dev = torch.device(device)
+    from sim2obs.pretrain.train import resolve_device
+
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
     encoder = encoder.to(dev).eval()
     out = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="embed", disable=not progress):
-        idx = range(start, min(len(dataset), start + batch_size))
-        x = torch.from_numpy(np.stack([dataset.raw(i)["image"] for i in idx])).to(dev)
+        images, _ = dataset.raw_many(np.arange(start, min(len(dataset), start + batch_size)))
+        x = torch.from_numpy(images).to(dev)
         out.append(encoder(normalizer(x)).float().cpu().numpy())
     return np.concatenate(out).astype(np.float32)
 
@@ -214,11 +217,13 @@ def probe(embeddings: np.ndarray, y: np.ndarray, label: str, folds: int = 5, see
 
 
 def random_init_encoder(run_dir: str | Path, seed: int = 0):
-    """The run's encoder architecture with random weights (the probe's baseline)."""
+    """The run's encoder architecture with random weights drawn from ``seed`` (the probe's
+    baseline), and the run's normaliser."""
     from sim2obs import encoders
     from sim2obs.pretrain.train import load_encoder
 
-    _, normalizer, ckpt = load_encoder(run_dir)
-    torch.manual_seed(seed)
-    enc = encoders.build(**ckpt["encoder_config"]).eval()
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+        _, normalizer, ckpt = load_encoder(run_dir)
+        torch.manual_seed(seed)
+        enc = encoders.build(**ckpt["encoder_config"]).eval()
     return enc, normalizer

@@ -13,9 +13,11 @@ projection head and loss.
 * Schedule: AdamW, linear warm-up then cosine decay per step; gradient clipping.
 * Checkpoints: ``RUN/checkpoint.pt`` after every epoch, written atomically, loadable with
   ``torch.load(weights_only=True)`` (tensors and plain Python types only): model, optimiser,
-  scheduler, config, normaliser, encoder config, package version. ``resume`` continues from it;
-  randomness is a function of (seed, epoch, rank), so a resumed CPU run ends with the same
-  weights as an uninterrupted one.
+  scheduler, fp16 loss scale, config, normaliser, encoder config, package version. ``resume``
+  continues from it. Every random stream is a function of (seed, epoch, rank) -- augmentations
+  and cross-survey partners by construction, dropout because the global RNG is re-seeded at the
+  start of each epoch, the DataLoader from its own generator -- so no RNG state is
+  checkpointed and a resumed CPU run ends with the same weights as an uninterrupted one.
 * DDP under ``torchrun`` (gloo on CPU, nccl on GPU): a ``DistributedSampler`` shares each global
   batch among ranks and embeddings are gathered for the loss. BatchNorm is synchronised on GPUs;
   on CPU (where PyTorch has no SyncBatchNorm) ``norm='group'`` makes the result independent of
@@ -146,7 +148,9 @@ class SSLModel(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA if available, else Apple MPS, else CPU."""
+    """``auto``: CUDA if available, else Apple MPS, else CPU. ``cuda`` (and ``auto`` on a GPU
+    machine) means GPU ``LOCAL_RANK`` -- each ``torchrun`` process its own; ``cuda:N`` is used as
+    given."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -159,6 +163,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise Sim2ObsValueError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise Sim2ObsValueError("--device cuda asked for but no CUDA GPU is available; use --device auto")
+    if dev.type == "cuda" and dev.index is None:  # under torchrun: this process's own GPU
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return dev
 
 
@@ -590,7 +596,8 @@ def pretrain(
 
         loader = torch.utils.data.DataLoader(
             train_ds, batch_size=local_batch, drop_last=True, num_workers=config.num_workers,
-            collate_fn=collate_same_pairs, pin_memory=dev.type == "cuda")
+            collate_fn=collate_same_pairs, pin_memory=dev.type == "cuda",
+            generator=_generator(torch.device("cpu"), config.seed, 10**6 + 1, dist_info.rank))
         n_batches = train_ds.batches_per_epoch(local_batch, config.num_workers)
         if n_batches == 0:
             raise Sim2ObsValueError(
@@ -610,6 +617,7 @@ def pretrain(
         loader = torch.utils.data.DataLoader(
             pairs, batch_size=local_batch, sampler=sampler, drop_last=True,
             num_workers=config.num_workers, collate_fn=_collate,
+            generator=_generator(torch.device("cpu"), config.seed, 10**6 + 1, dist_info.rank),
             persistent_workers=config.num_workers > 0, pin_memory=dev.type == "cuda")
         n_batches = len(loader)
         epoch_aware = [sampler, pairs]
@@ -636,6 +644,8 @@ def pretrain(
     loss_fn = _make_loss(config, gather=dist_info.enabled)
     amp_dtype = autocast_dtype(config.precision, dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
+    if ckpt is not None and ckpt.get("grad_scaler"):  # fp16 runs: the loss scale goes on
+        scaler.load_state_dict(ckpt["grad_scaler"])
     if dist_info.main:
         (out / "config.json").write_text(json.dumps(
             {"config": config.to_dict(), "folders": [str(f) for f in folders],
@@ -673,6 +683,10 @@ def pretrain(
         for obj in epoch_aware:
             obj.set_epoch(epoch)
         gen = _generator(dev, config.seed, epoch, dist_info.rank)
+        # the global RNG (dropout in the ViT) restarts from (seed, epoch, rank) too, so a resumed
+        # run draws what the uninterrupted one drew: no RNG state needs to be checkpointed
+        torch.manual_seed(int(np.random.SeedSequence([config.seed, epoch, dist_info.rank, 1])
+                              .generate_state(1)[0]))
         train_model.train()
         t0 = time.perf_counter()
         losses = []
@@ -720,6 +734,7 @@ def pretrain(
                 "scheduler": sched.state_dict(), "epoch": epoch, "config": config.to_dict(),
                 "normalizer": normalizer.to_dict(), "encoder_config": encoder.config(),
                 "bands": list(train_ds.bands), "sim2obs_version": __version__,
+                "grad_scaler": scaler.state_dict(),
             })
             if log:
                 log(f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}, val "

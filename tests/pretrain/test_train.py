@@ -52,6 +52,23 @@ def test_resume_gives_the_same_weights(synthetic_folders, tmp_path, method):
     assert [int(r["epoch"]) for r in rows] == [0, 1]
 
 
+def test_resume_with_dropout_gives_the_same_weights(synthetic_folders, tmp_path):
+    """Dropout draws from the global RNG: re-seeded from (seed, epoch, rank) each epoch, so a
+    resumed run (a new process would start from a fresh RNG) draws the same masks."""
+    vit = dict(TINY, encoder="vit", encoder_kwargs={"image_size": 32, "patch_size": 8, "dim": 16,
+                                                     "depth": 1, "heads": 2, "dropout": 0.3})
+    cfg = PretrainConfig(**vit)
+    full = pretrain([synthetic_folders[0]], tmp_path / "full", cfg, progress=False, max_steps_per_epoch=2)
+    part = pretrain([synthetic_folders[0]], tmp_path / "part", cfg, progress=False, stop_after_epoch=1,
+                    max_steps_per_epoch=2)
+    torch.manual_seed(12345)  # whatever the process did in between
+    torch.rand(100)
+    pretrain([synthetic_folders[0]], part, cfg, progress=False, resume=True, max_steps_per_epoch=2)
+    a, b = load_checkpoint(full)["model"], load_checkpoint(part)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
 def test_cross_survey_pairs(synthetic_folders, tmp_path):
     from sim2obs.data.dataset import ShardDataset
     from sim2obs.pretrain.train import PairDataset
@@ -164,6 +181,15 @@ def test_device_and_precision_choices():
             resolve_device("cuda")
 
 
+def test_cuda_device_is_the_local_rank(monkeypatch):
+    """Under torchrun each process takes GPU LOCAL_RANK, for --device cuda as for auto."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)  # an explicit index is kept
+
+
 def test_bf16_channels_last_run(synthetic_folders, tmp_path):
     cfg = PretrainConfig(**{**TINY, "epochs": 1, "precision": "bf16", "channels_last": True})
     run = pretrain([synthetic_folders[0]], tmp_path / "bf16", cfg, progress=False)
@@ -175,6 +201,14 @@ def test_gpu_amp_run(synthetic_folders, tmp_path):
     run = pretrain([synthetic_folders[0]], tmp_path / "gpu", PretrainConfig(**{**TINY, "epochs": 1}),
                    device="cuda", progress=False)
     assert load_checkpoint(run)["epoch"] == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_ddp_two_processes_match_single_process(synthetic_folders, tmp_path):
@@ -190,7 +224,7 @@ def test_ddp_two_processes_match_single_process(synthetic_folders, tmp_path):
     subprocess.run([sys.executable, "-m", "sim2obs", *args, "--out", str(single)], check=True,
                    env=env, capture_output=True)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", "-m", "sim2obs", *args, "--out", str(ddp)],
+                          "--master_port", str(_free_port()), "-m", "sim2obs", *args, "--out", str(ddp)],
                          env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     s = [float(r["train_loss"]) for r in csv.DictReader((single / "metrics.csv").open())]
