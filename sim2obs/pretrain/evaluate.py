@@ -45,8 +45,8 @@ def compute_embeddings(encoder: torch.nn.Module, normalizer: Normalizer, dataset
     encoder = encoder.to(dev).eval()
     out = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="embed", disable=not progress):
-        images, _ = dataset.raw_many(np.arange(start, min(len(dataset), start + batch_size)))
-        x = torch.from_numpy(images).to(dev)
+        idx = range(start, min(len(dataset), start + batch_size))
+        x = torch.from_numpy(np.stack([dataset.raw(i)["image"] for i in idx])).to(dev)
         out.append(encoder(normalizer(x)).float().cpu().numpy())
     return np.concatenate(out).astype(np.float32)
 
