@@ -14,7 +14,8 @@
   ``threads - 1`` threads and the augmentations in one DataLoader worker in parallel
   (``--augment-on loader --num-workers 1``), compared with the bare loop on the same
   ``threads - 1`` threads;
-* fp32 vs bf16 autocast + channels_last, and the GPU when one is present.
+* fp32 vs bf16 autocast + channels_last, and the GPU when one is present;
+* where the data path's time goes: each stage on one thread, per step.
 
 Ratios are taken within this run (machines here are noisy). Usage:
 ``python benchmarks/pretrain.py [--n 1536] [--batch-size 64] [--steps 20] [--quick]``.
@@ -128,6 +129,43 @@ def loader_rate(folder: Path, cfg: PretrainConfig, steps: int, device: torch.dev
     return n / (time.perf_counter() - t)
 
 
+def data_path_ms(folder: Path, cfg: PretrainConfig, repeats: int = 10) -> dict[str, float]:
+    """Milliseconds per step (a batch of pairs: 2 x batch_size stamps) of each stage of the data
+    path on one thread, as a DataLoader worker runs it: HDF5 read, stacking, each augmentation,
+    the arcsinh stretch."""
+    ds = ShardDataset([folder], split="train", val_fraction=cfg.val_fraction)
+    norm = Normalizer.from_noise(ds)
+    aug = build_augment(cfg, ds)
+    pairs = PairDataset(ds, True, 0)
+    rng = np.random.default_rng(0)
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times: dict[str, float] = {}
+
+    def timed(name, fn, *a, **kw):
+        t = time.perf_counter()
+        out = fn(*a, **kw)
+        times[name] = times.get(name, 0.0) + (time.perf_counter() - t) * 1e3
+        return out
+
+    try:
+        for rep in range(repeats + 1):
+            if rep == 1:
+                times.clear()  # the first round warms up
+            idx = rng.choice(len(ds), cfg.batch_size, replace=False).tolist()
+            a, b = timed("HDF5 read", pairs.__getitems__, idx)
+            x = timed("stack views", torch.cat, [a["image"], b["image"]])
+            ivar = torch.cat([a["ivar"], b["ivar"]])
+            for t in aug.transforms:
+                ctx = {"ivar": ivar} if "ivar" in getattr(t, "context_keys", ()) else {}
+                x = timed(type(t).__name__, t, x, g, **ctx)
+            timed("arcsinh stretch", norm, x)
+    finally:
+        torch.set_num_threads(threads)
+    return {k: v / repeats for k, v in times.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1536, help="galaxies in the synthetic shards")
@@ -169,6 +207,10 @@ def main() -> None:
                           f"pretrain {ours:7.1f} ({ours / bare:4.2f}x bare, target >= 0.9) | loader"
                           f"+augment {load:7.1f} ({load / ours:4.1f}x training, target >= 3)")
             torch.set_num_threads(threads)
+        cfg = PretrainConfig(batch_size=args.batch_size, val_fraction=0.05)
+        ms = data_path_ms(folder, cfg)
+        print(f"data path per step ({2 * args.batch_size} stamps), one thread: "
+              + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()) + f"; total {sum(ms.values()):.0f} ms")
 
 
 if __name__ == "__main__":
