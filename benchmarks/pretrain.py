@@ -106,9 +106,9 @@ def loader_rate(folder: Path, cfg: PretrainConfig, steps: int, device: torch.dev
     with the workers' start-up, is not timed)."""
     ds = ShardDataset([folder], split="train", val_fraction=cfg.val_fraction)
     norm = Normalizer.from_noise(ds)
-    aug = build_augment(cfg, ds)
-    views = LoaderViews(aug, norm, cfg.seed, cfg.channels_last and device.type == "cpu") if cfg.augment_on == "loader" else None
-    aug = aug.to(device)
+    aug = build_augment(cfg, ds).to(device)
+    views = (LoaderViews(build_augment(cfg, ds), norm, cfg.seed, cfg.channels_last and device.type == "cpu")
+             if cfg.augment_on == "loader" else None)  # its own (CPU) copy, as pretrain builds it
     loader = torch.utils.data.DataLoader(PairDataset(ds, True, 0, views=views), batch_size=cfg.batch_size,
                                          shuffle=True, drop_last=True, collate_fn=_collate,
                                          num_workers=cfg.num_workers)
