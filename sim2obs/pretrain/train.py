@@ -29,6 +29,7 @@ projection head and loss.
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -340,7 +341,7 @@ class LoaderViews:
 
     def __init__(self, augment: nn.Module, normalizer: Normalizer, seed: int,
                  channels_last: bool = False) -> None:
-        self.augment = augment.cpu()
+        self.augment = copy.deepcopy(augment).cpu()  # its own CPU copy: the caller's stays put
         self.normalizer = normalizer
         self.seed = int(seed)
         self.channels_last = bool(channels_last)
