@@ -224,11 +224,9 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--bands", nargs="+", default=None,
                    help="band names to train on (every folder must have them); needed when "
                         "folders of different surveys have different band lists")
-    p.add_argument("--augment", choices=("physical", "full", "geometric", "none"), default="physical",
-                   help="physical (default): noise re-realisation, worse seeing, Galactic "
-                        "reddening, then dihedral flips and sub-pixel shifts; full: also an "
-                        "arbitrary position angle and a crop-and-zoom jitter (0.85-1); geometric: "
-                        "flips and shifts only; none")
+    p.add_argument("--augment", choices=("physical", "geometric", "none"), default="physical",
+                   help="physical: noise re-realisation, worse seeing, Galactic reddening, then "
+                        "dihedral flips and sub-pixel shifts (default)")
     p.add_argument("--no-cross-survey", action="store_true",
                    help="do not pair the same galaxy across surveys")
     p.add_argument("--val-fraction", type=float, default=0.1)

@@ -153,25 +153,6 @@ def test_augment_on_loader_same_run_for_any_num_workers(synthetic_folders, tmp_p
         PretrainConfig(augment_on="loader", stream=True)
 
 
-def test_augment_sets(synthetic_folders, tmp_path):
-    from sim2obs.data.dataset import ShardDataset
-    from sim2obs.pretrain import augment as A
-    from sim2obs.pretrain.train import build_augment
-
-    ds = ShardDataset([synthetic_folders[0]])
-    kinds = {name: [type(t) for t in build_augment(PretrainConfig(augment=name), ds).transforms]
-             for name in ("physical", "full", "geometric", "none")}
-    assert kinds["none"] == [] and kinds["geometric"] == [A.RandomRot90Flip, A.RandomShift]
-    assert kinds["physical"][:2] == [A.NoiseResample, A.PSFDegrade]  # hsc: PSF labels, known filters
-    assert kinds["physical"][-2:] == kinds["geometric"]
-    assert kinds["full"] == kinds["physical"][:-1] + [A.RandomRotation, A.RandomCropResize, A.RandomShift]
-    run = pretrain([synthetic_folders[0]], tmp_path / "full", PretrainConfig(**{**TINY, "epochs": 1},
-                   augment="full"), progress=False, max_steps_per_epoch=2)
-    assert load_checkpoint(run)["config"]["augment"] == "full"
-    with pytest.raises(Sim2ObsValueError, match="augment must be one of"):
-        PretrainConfig(augment="everything")
-
-
 def test_bad_input(synthetic_folders, tmp_path):
     with pytest.raises(Sim2ObsDataError, match="missing"):
         # second folder lacks 'z'
