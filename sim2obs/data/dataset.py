@@ -51,10 +51,9 @@ def estimated_ivar(images: np.ndarray) -> np.ndarray:
     edge = max(2, min(h, w) // 8)
     frame = np.ones((h, w), dtype=bool)
     frame[edge:h - edge, edge:w - edge] = False
-    pix = img[..., frame]  # (..., n_frame)
-    with np.errstate(invalid="ignore"):  # all-NaN frames give nan -> ivar 0
-        med = np.nanmedian(pix, axis=-1, keepdims=True)
-        sigma = MAD_TO_SIGMA * np.nanmedian(np.abs(pix - med), axis=-1)
+    pix = img[..., frame]  # (..., n_frame); readers refuse unmasked NaNs before this
+    med = np.median(pix, axis=-1, keepdims=True)
+    sigma = MAD_TO_SIGMA * np.median(np.abs(pix - med), axis=-1)  # a NaN frame gives nan -> ivar 0
     ivar = np.zeros(sigma.shape, dtype=np.float32)
     good = np.isfinite(sigma) & (sigma > 0)
     ivar[good] = 1.0 / sigma[good] ** 2

@@ -150,11 +150,11 @@ class SSLModel(nn.Module):
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto``: CUDA if available, else Apple MPS, else CPU. ``cuda`` (and ``auto`` on a GPU
-    machine) means GPU ``LOCAL_RANK`` -- each ``torchrun`` process its own; ``cuda:N`` is used as
-    given."""
+    machine) means this process's GPU (:func:`_local_gpu`: ``LOCAL_RANK`` under ``torchrun``);
+    ``cuda:N`` is used as given."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return torch.device("cuda", _local_gpu())
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -165,8 +165,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise Sim2ObsValueError("--device cuda asked for but no CUDA GPU is available; use --device auto")
     if dev.type == "cuda" and dev.index is None:  # under torchrun: this process's own GPU
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        dev = torch.device("cuda", _local_gpu())
     return dev
+
+
+def _local_gpu() -> int:
+    """This process's GPU: ``LOCAL_RANK`` among the visible GPUs (modulo their number, so a
+    launcher that shows each process only its own GPU through CUDA_VISIBLE_DEVICES gets 0)."""
+    return int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count())
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -184,10 +184,13 @@ def test_device_and_precision_choices():
 def test_cuda_device_is_the_local_rank(monkeypatch):
     """Under torchrun each process takes GPU LOCAL_RANK, for --device cuda as for auto."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert resolve_device("cuda") == torch.device("cuda", 1)
     assert resolve_device("auto") == torch.device("cuda", 1)
     assert resolve_device("cuda:0") == torch.device("cuda", 0)  # an explicit index is kept
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # CUDA_VISIBLE_DEVICES per process
+    assert resolve_device("cuda") == torch.device("cuda", 0)
 
 
 def test_bf16_channels_last_run(synthetic_folders, tmp_path):
