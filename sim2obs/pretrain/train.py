@@ -33,6 +33,7 @@ import copy
 import csv
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -706,9 +707,8 @@ def pretrain(
         losses = []
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not (progress and dist_info.main), leave=False)
-        for step, (a, b) in enumerate(loader):
-            if step >= steps_per_epoch:
-                break
+        # islice: no batch is fetched past the last step (max_steps_per_epoch)
+        for step, (a, b) in enumerate(itertools.islice(loader, steps_per_epoch)):
             loss, _ = step_loss(a, b, gen)
             if not torch.isfinite(loss):
                 raise Sim2ObsValueError(
