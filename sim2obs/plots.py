@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from sim2obs._atomic import atomic_output
-from sim2obs.data.dataset import MAD_TO_SIGMA
+from sim2obs.data.dataset import MAD_TO_SIGMA, outer_frame
 from sim2obs.data.shards import Shard
 from sim2obs.errors import Sim2ObsKeyError, Sim2ObsValueError
 
@@ -98,9 +98,7 @@ def noise_sigma(images: np.ndarray, ivar: np.ndarray | None = None) -> np.ndarra
             good = ivar[:, b] > 0
             if np.any(good):
                 sigma[b] = float(np.median(1.0 / np.sqrt(ivar[:, b][good])))
-    edge = max(2, min(h, w) // 8)
-    frame = np.ones((h, w), dtype=bool)
-    frame[edge:h - edge, edge:w - edge] = False
+    frame = outer_frame(h, w)
     for b in range(n_bands):
         if math.isfinite(sigma[b]) and sigma[b] > 0:
             continue

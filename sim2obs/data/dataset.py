@@ -37,6 +37,15 @@ MAX_OPEN_FILES = 64
 MAD_TO_SIGMA = 1.4826
 
 
+def outer_frame(h: int, w: int) -> np.ndarray:
+    """(h, w) boolean mask of a stamp's outer frame, width max(2, min(h, w) // 8) pixels: the sky
+    around a central galaxy, where its noise is measured."""
+    edge = max(2, min(h, w) // 8)
+    frame = np.ones((h, w), dtype=bool)
+    frame[edge:h - edge, edge:w - edge] = False
+    return frame
+
+
 def estimated_ivar(images: np.ndarray) -> np.ndarray:
     """Inverse variance for stamps that come without one: ``1 / sigma^2``, constant over each
     stamp and band, with ``sigma = 1.4826 MAD`` of the pixels in the stamp's outer frame (width
@@ -47,11 +56,7 @@ def estimated_ivar(images: np.ndarray) -> np.ndarray:
     ``images`` (..., H, W) float -> float32 array of the same shape.
     """
     img = np.asarray(images, dtype=np.float32)
-    h, w = img.shape[-2:]
-    edge = max(2, min(h, w) // 8)
-    frame = np.ones((h, w), dtype=bool)
-    frame[edge:h - edge, edge:w - edge] = False
-    pix = img[..., frame]  # (..., n_frame); readers refuse unmasked NaNs before this
+    pix = img[..., outer_frame(*img.shape[-2:])]  # (..., n_frame); readers refuse unmasked NaNs before this
     med = np.median(pix, axis=-1, keepdims=True)
     sigma = MAD_TO_SIGMA * np.median(np.abs(pix - med), axis=-1)  # a NaN frame gives nan -> ivar 0
     ivar = np.zeros(sigma.shape, dtype=np.float32)

@@ -32,7 +32,7 @@ import warnings
 
 import numpy as np
 
-from sim2obs.data.dataset import MAD_TO_SIGMA
+from sim2obs.data.dataset import MAD_TO_SIGMA, outer_frame
 from sim2obs.data.shards import Shard
 from sim2obs.errors import Sim2ObsValueError
 
@@ -91,10 +91,7 @@ def segment_central(image: np.ndarray, sigma: float | None = None, nsigma: float
     image = np.where(np.isfinite(image), image, 0.0)
     h, w = image.shape
     if sigma is None or not sigma > 0:
-        edge = max(2, min(h, w) // 8)
-        frame = np.ones((h, w), bool)
-        frame[edge:h - edge, edge:w - edge] = False
-        sigma = _robust_sigma(image[frame])
+        sigma = _robust_sigma(image[outer_frame(h, w)])
     if not sigma > 0:
         sigma = 1e-3 * max(float(np.abs(image).max()), 1e-30)
     sigma_k = smooth_fwhm / 2.3548

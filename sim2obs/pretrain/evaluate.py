@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from sim2obs._atomic import atomic_output
-from sim2obs.data.dataset import Normalizer, ShardDataset
+from sim2obs.data.dataset import MAD_TO_SIGMA, Normalizer, ShardDataset
 from sim2obs.errors import Sim2ObsDataError, Sim2ObsValueError
 
-NMAD_SCALE = 1.4826  # MAD -> sigma for a Gaussian
+NMAD_SCALE = MAD_TO_SIGMA  # MAD -> sigma for a Gaussian
 
 
 @torch.no_grad()
