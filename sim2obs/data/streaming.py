@@ -308,19 +308,23 @@ class StreamingShardDataset(torch.utils.data.IterableDataset):
         """Nothing stays open between items (present for symmetry with ``ShardDataset``)."""
 
 
-def collate_images(items: list[dict]) -> dict:
+def collate_images(items: list[dict], survey_names: tuple[str, ...] | None = None) -> dict:
     """Stack items into ``{'image': (n,B,H,W), 'ivar': (n,B,H,W)}`` tensors (ivar estimated
-    from each stamp's noise where a shard has none: :func:`~sim2obs.data.dataset.estimated_ivar`)."""
+    from each stamp's noise where a shard has none: :func:`~sim2obs.data.dataset.estimated_ivar`);
+    with ``survey_names``, also ``'survey'`` (n,): each item's survey as an index into them."""
     from sim2obs.data.dataset import estimated_ivar
 
     image = torch.from_numpy(np.stack([it["image"] for it in items]))
     ivar = torch.from_numpy(np.stack([
         it["ivar"] if it["ivar"] is not None else estimated_ivar(it["image"]) for it in items]))
-    return {"image": image, "ivar": ivar}
+    batch = {"image": image, "ivar": ivar}
+    if survey_names is not None:
+        batch["survey"] = torch.tensor([survey_names.index(it["survey"]) for it in items], dtype=torch.int64)
+    return batch
 
 
-def collate_same_pairs(items: list[dict]) -> tuple[dict, dict]:
+def collate_same_pairs(items: list[dict], survey_names: tuple[str, ...] | None = None) -> tuple[dict, dict]:
     """Pretraining batches from a stream: both views start from the same images (the two
     augmentations make them differ), as ``PairDataset`` does without a cross-survey partner."""
-    batch = collate_images(items)
+    batch = collate_images(items, survey_names)
     return batch, batch

@@ -102,6 +102,54 @@ def _check_batch(x: Tensor, name: str) -> None:
         )
 
 
+def _survey_rows(table: Tensor, survey: Tensor | None, n: int, name: str) -> Tensor:
+    """Per-sample rows of a parameter table: ``table`` (B,) for one survey or (S, B) for S
+    surveys; ``survey`` (N,) integer indices into its rows (the ``survey`` context of a batch
+    that mixes surveys). Returns (1, B) -- one row for every sample -- or (N, B)."""
+    if table.ndim == 1:
+        return table[None, :]
+    if table.shape[0] == 1 and survey is None:
+        return table
+    if survey is None:
+        raise Sim2ObsValueError(
+            f"{name} holds values for {table.shape[0]} surveys: pass survey=... (N,) row indices "
+            "for the batch (Compose and the training loop pass the batch's 'survey')"
+        )
+    survey = torch.as_tensor(survey).reshape(-1)
+    if survey.numel() != n or survey.dtype.is_floating_point:
+        raise Sim2ObsValueError(
+            f"{name}: survey must be {n} integer row indices (one per sample), got "
+            f"{survey.numel()} of dtype {survey.dtype}"
+        )
+    if survey.device.type == "cpu" and survey.numel() and not (
+            0 <= int(survey.min()) and int(survey.max()) < table.shape[0]):
+        raise Sim2ObsValueError(
+            f"{name}: survey indices {int(survey.min())}..{int(survey.max())} outside the "
+            f"{table.shape[0]} rows of its table"
+        )
+    return table[survey.to(table.device)]
+
+
+def _rounded(t: Tensor, digits: int = 3) -> list:
+    """Nested list of a (B,) or (S, B) table's values, rounded (for ``extra_repr``)."""
+    return np.round(t.detach().cpu().numpy().astype(float), digits).tolist()
+
+
+def _table(values, name: str, what: str) -> Tensor:
+    """float32 (B,) or (S, B) parameter table from a sequence or array; refuses other shapes."""
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().numpy()
+    t = torch.as_tensor(np.asarray(values, dtype=float), dtype=torch.float32)
+    if t.ndim == 0:
+        t = t.reshape(1)
+    if t.ndim > 2 or t.numel() == 0:
+        raise Sim2ObsValueError(
+            f"{name}: {what} must be one value per band (B,) or one row per survey (S, B), got "
+            f"shape {tuple(t.shape)}"
+        )
+    return t
+
+
 def affine_resample(x: Tensor, theta: Tensor, supersample: int = 1,
                     padding_mode: str = "zeros") -> Tensor:
     """Resample ``x`` (N, B, H, W) on an affine grid: ``y(p) = x(theta [p; 1])``.
@@ -395,13 +443,19 @@ class PSFDegrade(Augmentation):
     FWHM of the result is close to, not exactly, ``f * fwhm_in``. Noise is smoothed too (its
     amplitude drops and it becomes correlated): follow with :class:`NoiseResample` to restore a
     noise level if needed.
+
+    A batch mixing surveys (different seeing and pixel scales) takes ``fwhm_in_pix`` as an
+    (S, B) table, one row per survey, and ``forward(x, generator, survey=...)`` with the (N,)
+    row of each sample; a (B,) vector serves every sample.
     """
+
+    context_keys = ("survey",)
 
     def __init__(self, fwhm_in_pix: Sequence[float] | Tensor, max_factor: float = 1.5,
                  min_factor: float = 1.0, per_band: bool = False) -> None:
         super().__init__()
-        fwhm = torch.as_tensor(fwhm_in_pix, dtype=torch.float32).reshape(-1)
-        if fwhm.numel() == 0 or not bool((fwhm > 0).all()):
+        fwhm = _table(fwhm_in_pix, "PSFDegrade", "fwhm_in_pix")
+        if not bool((fwhm > 0).all()):
             raise Sim2ObsValueError(f"PSFDegrade: fwhm_in_pix must be positive per band, got {fwhm.tolist()}")
         if not 1.0 <= min_factor <= max_factor:
             raise Sim2ObsValueError(
@@ -422,16 +476,17 @@ class PSFDegrade(Augmentation):
         scale = pixel_scale_arcsec or spec.pixel_scale_arcsec
         return cls([b.psf_fwhm_arcsec / scale for b in spec.bands], max_factor=max_factor, **kwargs)
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None, **context) -> Tensor:
+    def forward(self, x: Tensor, generator: torch.Generator | None = None,
+                survey: Tensor | None = None, **context) -> Tensor:
         _check_batch(x, "PSFDegrade")
         n, b, h, w = x.shape
-        if self.fwhm_in_pix.numel() != b:
+        if self.fwhm_in_pix.shape[-1] != b:
             raise Sim2ObsValueError(
-                f"PSFDegrade was given {self.fwhm_in_pix.numel()} band FWHMs but the batch has {b} bands"
+                f"PSFDegrade was given {self.fwhm_in_pix.shape[-1]} band FWHMs but the batch has {b} bands"
             )
         wd = _work_dtype(x)
+        s_in = _survey_rows(self.fwhm_in_pix.to(x.device) / FWHM_PER_SIGMA, survey, n, "PSFDegrade")
         f = _uniform((n, b if self.per_band else 1), self.min_factor, self.max_factor, generator, x.device)
-        s_in = (self.fwhm_in_pix.to(x.device) / FWHM_PER_SIGMA)[None, :]
         sigma = (s_in * torch.sqrt(f**2 - 1.0)).to(wd)  # (N, B)
         pad = self._pad()
         c = (-2.0 * math.pi**2) * sigma**2  # (N, B): transfer exp(c |k|^2)
@@ -464,7 +519,7 @@ class PSFDegrade(Augmentation):
         return self._pad_cache
 
     def extra_repr(self) -> str:
-        return (f"fwhm_in_pix={[round(v, 3) for v in self.fwhm_in_pix.tolist()]}, "
+        return (f"fwhm_in_pix={_rounded(self.fwhm_in_pix)}, "
                 f"factor=U({self.min_factor}, {self.max_factor}), per_band={self.per_band}")
 
 
@@ -601,14 +656,18 @@ class GalacticReddening(Augmentation):
     representation should not confuse it with intrinsic colour (Hayat et al. 2021, ApJL 911, L33,
     use this augmentation for SDSS; coefficients after Schlafly & Finkbeiner 2011). The flux
     ratio between bands changes by exactly ``10^(-0.4 (R_b - R_c) E(B-V))``.
+
+    A batch mixing surveys (different filter curves for the same band names) takes
+    ``extinction_coeffs`` as an (S, B) table, one row per survey, and ``forward(x, generator,
+    survey=...)`` with the (N,) row of each sample; a (B,) vector serves every sample.
     """
+
+    context_keys = ("survey",)
 
     def __init__(self, extinction_coeffs: Sequence[float] | Tensor, ebv_max: float = 0.1,
                  ebv_min: float = 0.0) -> None:
         super().__init__()
-        r = torch.as_tensor(np.asarray(extinction_coeffs, dtype=float), dtype=torch.float32).reshape(-1)
-        if r.numel() == 0:
-            raise Sim2ObsValueError("GalacticReddening: extinction_coeffs is empty")
+        r = _table(extinction_coeffs, "GalacticReddening", "extinction_coeffs")
         if not 0.0 <= ebv_min <= ebv_max:
             raise Sim2ObsValueError(f"GalacticReddening: need 0 <= ebv_min <= ebv_max, got {ebv_min}, {ebv_max}")
         self.register_buffer("extinction_coeffs", r)
@@ -619,21 +678,23 @@ class GalacticReddening(Augmentation):
         """Coefficients from a :class:`~sim2obs.forward_models.surveys.SurveySpec`'s filters."""
         return cls(extinction_coefficients([b.filter for b in spec.bands]), ebv_max=ebv_max, **kwargs)
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None, **context) -> Tensor:
+    def forward(self, x: Tensor, generator: torch.Generator | None = None,
+                survey: Tensor | None = None, **context) -> Tensor:
         _check_batch(x, "GalacticReddening")
         n, b = x.shape[:2]
-        if self.extinction_coeffs.numel() != b:
+        if self.extinction_coeffs.shape[-1] != b:
             raise Sim2ObsValueError(
-                f"GalacticReddening has {self.extinction_coeffs.numel()} band coefficients but the "
+                f"GalacticReddening has {self.extinction_coeffs.shape[-1]} band coefficients but the "
                 f"batch has {b} bands"
             )
         wd = _work_dtype(x)
+        r = _survey_rows(self.extinction_coeffs.to(x.device, wd), survey, n, "GalacticReddening")
         ebv = _uniform((n, 1), self.ebv_min, self.ebv_max, generator, x.device).to(wd)
-        factor = torch.pow(10.0, -0.4 * self.extinction_coeffs.to(x.device, wd)[None, :] * ebv)
+        factor = torch.pow(10.0, -0.4 * r * ebv)
         return _like(x.to(wd) * factor[:, :, None, None], x)
 
     def extra_repr(self) -> str:
-        return (f"R={[round(v, 3) for v in self.extinction_coeffs.tolist()]}, "
+        return (f"R={_rounded(self.extinction_coeffs)}, "
                 f"ebv=U({self.ebv_min}, {self.ebv_max})")
 
 

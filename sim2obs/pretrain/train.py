@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -238,6 +239,9 @@ class PairDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.views = views
         self.partners: list[np.ndarray] | None = None
+        names = survey_names(base)
+        #: per item: row of its survey in ``survey_names(base)`` (the augmentations' tables)
+        self.survey_of = np.array([names.index(s) for s in base.surveys], dtype=np.int64)[base.file_of]
         if cross_survey and len(set(base.surveys)) > 1:
             surveys = np.array([base.surveys[f] for f in base.file_of])
             order = np.argsort(base.object_id, kind="stable")
@@ -263,10 +267,10 @@ class PairDataset(torch.utils.data.Dataset):
             return int(item[0]), int(item[1])
         return self.epoch, int(item)
 
-    @staticmethod
-    def _pack(item: dict) -> dict:
+    def _pack(self, item: dict, i: int) -> dict:
         ivar = item["ivar"] if item["ivar"] is not None else estimated_ivar(item["image"])
-        return {"image": torch.from_numpy(item["image"]), "ivar": torch.from_numpy(ivar)}
+        return {"image": torch.from_numpy(item["image"]), "ivar": torch.from_numpy(ivar),
+                "survey": torch.tensor(self.survey_of[i])}
 
     def partner(self, i: int, epoch: int | None = None) -> int:
         """Index of the second view's item (``i`` itself when there is no other survey)."""
@@ -282,7 +286,7 @@ class PairDataset(torch.utils.data.Dataset):
         a = self.base.raw(i)
         j = self.partner(i, epoch)
         b = a if j == i else self.base.raw(j)
-        return self._pack(a), self._pack(b)
+        return self._pack(a, i), self._pack(b, j)
 
     def __getitems__(self, items):
         """Batched fetch (used by the DataLoader): one HDF5 read per shard per view."""
@@ -294,8 +298,10 @@ class PairDataset(torch.utils.data.Dataset):
             img_b, ivar_b = img_a, ivar_a
         else:
             img_b, ivar_b = self.base.raw_many(partners)
-        a = {"image": torch.from_numpy(img_a), "ivar": torch.from_numpy(ivar_a)}
-        b = {"image": torch.from_numpy(img_b), "ivar": torch.from_numpy(ivar_b)}
+        a = {"image": torch.from_numpy(img_a), "ivar": torch.from_numpy(ivar_a),
+             "survey": torch.from_numpy(self.survey_of[idx])}
+        b = {"image": torch.from_numpy(img_b), "ivar": torch.from_numpy(ivar_b),
+             "survey": torch.from_numpy(self.survey_of[partners])}
         if self.views is not None:
             return self.views(a, b, keys)
         return a, b
@@ -368,9 +374,19 @@ class LoaderViews:
                 torch.set_num_threads(threads)
 
 
+def survey_names(dataset) -> tuple[str, ...]:
+    """The dataset's surveys in order of first appearance: the rows of the augmentations'
+    per-survey tables, and what a batch's ``survey`` indices point to."""
+    return tuple(dict.fromkeys(dataset.surveys))
+
+
 def build_augment(config: PretrainConfig, dataset: ShardDataset):
     """The augmentation pipeline: physical ones (noise re-realisation, worse seeing, Galactic
     reddening) before geometric ones (dihedral symmetries, sub-pixel shifts).
+
+    Worse seeing starts from each survey's median PSF FWHM (in its own pixels) and reddening
+    uses each survey's extinction coefficients: with several surveys both take an (S, B) table
+    (rows in :func:`survey_names` order) and every sample its own survey's row.
 
     Only exact or flux- and noise-preserving resamplings are in it. ``RandomRotation`` and
     ``RandomCropResize`` (bilinear) and ``RedshiftDimming`` are in the Python API only: they
@@ -386,19 +402,23 @@ def build_augment(config: PretrainConfig, dataset: ShardDataset):
     if config.augment == "geometric":
         return A.Compose(geometric)
     physical: list = [A.NoiseResample(factor_range=(1.0, 1.5))]
-    fwhm_pix = _median_psf_fwhm_pix(dataset)
-    if fwhm_pix is not None:
-        physical.append(A.PSFDegrade(fwhm_pix, max_factor=1.3))
-    coeffs = _extinction_coefficients(dataset)
-    if coeffs is not None:
-        physical.append(A.GalacticReddening(coeffs, ebv_max=0.05))
+    names = survey_names(dataset)
+    rows = [_median_psf_fwhm_pix(dataset, name) for name in names]
+    if all(r is not None for r in rows):  # one survey: a (B,) vector, as for a single survey spec
+        physical.append(A.PSFDegrade(rows[0] if len(rows) == 1 else rows, max_factor=1.3))
+    rows = [_extinction_coefficients(name, dataset.bands) for name in names]
+    if all(r is not None for r in rows):
+        physical.append(A.GalacticReddening(rows[0] if len(rows) == 1 else rows, ebv_max=0.05))
     return A.Compose(physical + geometric)
 
 
-def _median_psf_fwhm_pix(dataset: ShardDataset, max_files: int = 64):
+def _median_psf_fwhm_pix(dataset: ShardDataset, survey: str, max_files: int = 64):
+    """Median PSF FWHM (pixels) per band of one survey's shards (``labels/psf_fwhm_BAND``,
+    arcsec, over the pixel scale); None where a band has none."""
     import h5py
 
-    files = dataset.files  # at most max_files of them, evenly spread (10^4 shards: a sample)
+    files = [path for path, s in zip(dataset.files, dataset.surveys, strict=True) if s == survey]
+    # at most max_files of them, evenly spread (10^4 shards: a sample)
     files = [files[i] for i in np.unique(np.linspace(0, len(files) - 1, max_files).astype(int))]
     out = []
     for b in dataset.bands:
@@ -415,13 +435,15 @@ def _median_psf_fwhm_pix(dataset: ShardDataset, max_files: int = 64):
     return out
 
 
-def _extinction_coefficients(dataset: ShardDataset):
+def _extinction_coefficients(survey: str, bands: tuple[str, ...]):
+    """The survey's band extinction coefficients R_b, or None for a survey sim2obs does not know
+    (real data under its own name) or without the 'extinction' package."""
     from sim2obs.errors import Sim2ObsError
     from sim2obs.forward_models.surveys import get_survey
     from sim2obs.pretrain.augment import extinction_coefficients
 
     try:
-        spec = get_survey(dataset.surveys[0]).with_bands(dataset.bands)
+        spec = get_survey(survey).with_bands(bands)
         return extinction_coefficients([b.filter for b in spec.bands]).tolist()
     except (Sim2ObsError, ImportError):
         return None  # unknown survey (e.g. real data) or no 'extinction' package: skip
@@ -441,7 +463,10 @@ def prepare_views(a: dict, b: dict, augment, normalizer: Normalizer, generator, 
     with torch.autocast(device.type, enabled=False):
         x = torch.cat([a["image"].to(device, non_blocking=True), b["image"].to(device, non_blocking=True)])
         ivar = torch.cat([a["ivar"].to(device, non_blocking=True), b["ivar"].to(device, non_blocking=True)])
-        x = normalizer(augment(x, generator, ivar=ivar))
+        context = {"ivar": ivar}
+        if "survey" in a:  # (2N,) rows of the per-survey tables, on the CPU (checked there)
+            context["survey"] = torch.cat([a["survey"], b["survey"]])
+        x = normalizer(augment(x, generator, **context))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
     return x[:n], x[n:]
@@ -450,8 +475,9 @@ def prepare_views(a: dict, b: dict, augment, normalizer: Normalizer, generator, 
 def _collate(batch):
     if isinstance(batch, tuple):  # already batched by PairDataset.__getitems__
         return batch
-    a = {k: torch.stack([x[0][k] for x in batch]) for k in ("image", "ivar")}
-    b = {k: torch.stack([x[1][k] for x in batch]) for k in ("image", "ivar")}
+    keys = [k for k in ("image", "ivar", "survey") if k in batch[0][0]]
+    a = {k: torch.stack([x[0][k] for x in batch]) for k in keys}
+    b = {k: torch.stack([x[1][k] for x in batch]) for k in keys}
     return a, b
 
 
@@ -611,7 +637,8 @@ def pretrain(
 
         loader = torch.utils.data.DataLoader(
             train_ds, batch_size=local_batch, drop_last=True, num_workers=config.num_workers,
-            collate_fn=collate_same_pairs, pin_memory=dev.type == "cuda",
+            collate_fn=functools.partial(collate_same_pairs, survey_names=survey_names(train_ds)),
+            pin_memory=dev.type == "cuda",
             generator=_generator(torch.device("cpu"), config.seed, 10**6 + 1, dist_info.rank))
         n_batches = train_ds.batches_per_epoch(local_batch, config.num_workers)
         if n_batches == 0:

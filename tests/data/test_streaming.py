@@ -167,6 +167,22 @@ def test_pretrain_stream_refuses_cross_survey_pairs(synthetic_folders, tmp_path)
     cfg = PretrainConfig(stream=True, bands=("g", "r", "i"), **TINY)
     with pytest.raises(Sim2ObsValueError, match="--no-cross-survey"):
         pretrain(list(synthetic_folders), tmp_path / "x", cfg, progress=False)
+    # without cross-survey pairs two surveys stream; batches carry each item's survey (the row
+    # of the augmentations' per-survey tables)
+    cfg = PretrainConfig(stream=True, bands=("g", "r", "i"), cross_survey=False, **TINY)
+    pretrain(list(synthetic_folders), tmp_path / "y", cfg, progress=False, max_steps_per_epoch=2)
+
+
+def test_collate_gives_survey_rows(synthetic_folders):
+    from sim2obs.data.streaming import StreamingShardDataset, collate_same_pairs
+
+    ds = StreamingShardDataset(list(synthetic_folders), bands=("g", "r", "i"), shuffle_buffer=0)
+    items = list(ds)
+    hsc = next(it for it in items if it["survey"] == "hsc")
+    lsst = next(it for it in items if it["survey"] == "lsst")
+    a, b = collate_same_pairs([hsc, lsst, hsc], survey_names=("lsst", "hsc"))
+    assert a["survey"].tolist() == [1, 0, 1] and b is a
+    assert "survey" not in collate_same_pairs([hsc])[0]
 
 
 def test_cli_stream_options():

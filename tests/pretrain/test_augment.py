@@ -275,6 +275,45 @@ def test_reddening_from_survey_and_missing_dependency(monkeypatch):
         extinction_coefficients(["sdss2010-r"])
 
 
+def test_per_survey_tables_give_each_sample_its_surveys_row():
+    """A batch mixing two surveys: each sample is blurred / reddened with its own survey's row,
+    as the single-survey module with that row would do it (same draws from the same seed)."""
+    x = gaussian(6, 3, sigma=2.0, flux=50.0)
+    survey = torch.tensor([0, 1, 1, 0, 1, 0])
+    fwhm = [[2.0, 2.5, 3.0], [4.0, 4.0, 3.5]]
+    coeffs = [[3.6, 2.6, 1.9], [3.2, 2.2, 1.6]]
+    for cls, table, kw in ((PSFDegrade, fwhm, {"max_factor": 1.5, "min_factor": 1.2}),
+                           (GalacticReddening, coeffs, {"ebv_max": 0.3})):
+        y = cls(table, **kw)(x, gen(21), survey=survey)
+        for row in (0, 1):
+            ref = cls(table[row], **kw)(x, gen(21))
+            sel = survey == row
+            # PSFDegrade pads for the widest row of its table: the blur differs by < 1e-7 of the flux
+            torch.testing.assert_close(y[sel], ref[sel], rtol=0, atol=1e-6)
+        assert not torch.allclose(y, cls(table[0], **kw)(x, gen(21)))
+    # the FWHM each sample ends with follows its own survey's input FWHM
+    psf = gaussian(2, 1, sigma=4.0 / FWHM_PER_SIGMA)  # an unresolved source seen with FWHM 4 px
+    y = PSFDegrade([[4.0], [2.0]], max_factor=1.5, min_factor=1.5)(psf, gen(22), survey=torch.tensor([0, 1]))
+    # survey 1 believes its PSF is 2 px: it adds sqrt(1.5^2 - 1) x 2 px in quadrature to the 4 px
+    expect = torch.tensor([6.0, math.hypot(4.0, 2.0 * math.sqrt(1.25))], dtype=torch.float64)
+    torch.testing.assert_close(fwhm_from_moments(y).flatten().double(), expect, rtol=0.01, atol=0)
+
+
+def test_per_survey_tables_need_the_batch_surveys():
+    x = gaussian(4, 2)
+    for aug in (PSFDegrade([[2.0, 2.0], [3.0, 3.0]]), GalacticReddening([[3.0, 2.0], [2.5, 1.5]])):
+        with pytest.raises(Sim2ObsValueError, match="pass survey="):
+            aug(x, gen(0))
+        with pytest.raises(Sim2ObsValueError, match="4 integer row indices"):
+            aug(x, gen(0), survey=torch.tensor([0, 1]))
+        with pytest.raises(Sim2ObsValueError, match="outside the 2 rows"):
+            aug(x, gen(0), survey=torch.tensor([0, 1, 2, 0]))
+        # Compose hands the batch's survey on
+        Compose([aug])(x, gen(0), survey=torch.tensor([0, 1, 1, 0]))
+    with pytest.raises(Sim2ObsValueError, match="one row per survey"):
+        GalacticReddening(np.ones((2, 2, 2)))
+
+
 def test_redshift_dimming_flux_and_size():
     from astropy.cosmology import Planck15
 
