@@ -229,6 +229,10 @@ def _add_pretrain(sub) -> None:
                         "dihedral flips and sub-pixel shifts (default)")
     p.add_argument("--no-cross-survey", action="store_true",
                    help="do not pair the same galaxy across surveys")
+    p.add_argument("--zero-masked", action="store_true",
+                   help="set masked pixels (ivar = 0 where the stamp band has data: cosmic rays, "
+                        "bad columns, star masks) to 0 before the views; recorded with the "
+                        "normaliser, so embed, probe, adapt and infer do the same")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 (or fp16) autocast on GPUs, fp32 on CPU")
@@ -265,6 +269,7 @@ def _cmd_pretrain(args) -> int:
         precision=args.precision, channels_last=not args.no_channels_last, compile=args.compile,
         num_workers=args.num_workers, seed=args.seed, norm=args.norm,
         augment_on=args.augment_on, stream=args.stream, shuffle_buffer=args.shuffle_buffer,
+        zero_masked=args.zero_masked,
     )
     if isinstance(args.resume, str):
         if args.out is not None and Path(args.resume) != args.out:

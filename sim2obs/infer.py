@@ -81,8 +81,8 @@ def predict(run_dir: str | Path, folders, device: str = "cpu", batch_size: int =
                                 f"has {ds.stamp}; ingest/render with --stamp {run_stamp[0]}")
     mus, sigmas = [], []
     for s in tqdm(range(0, len(ds), batch_size), desc="infer", disable=not progress):
-        images, _ = ds.raw_many(np.arange(s, min(len(ds), s + batch_size)))
-        _, mu, log_sigma = model(torch.from_numpy(images).to(dev))
+        images, ivar = ds.raw_many(np.arange(s, min(len(ds), s + batch_size)))
+        _, mu, log_sigma = model(torch.from_numpy(images).to(dev), ivar)
         mus.append(mu.cpu().numpy().astype(np.float64))
         sigmas.append(log_sigma.exp().cpu().numpy().astype(np.float64))
     mu, sigma = np.concatenate(mus, 1), np.concatenate(sigmas, 1)

@@ -160,16 +160,17 @@ class AdaptedModel(nn.Module):
         self.register_buffer("emb_std", emb_std)
         self.members = members
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Standardised encoder embedding of raw (nanomaggy) images."""
-        return self.embed_normalised(self.normalizer(images))
+    def embed(self, images: torch.Tensor, ivar: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+        """Standardised encoder embedding of raw (nanomaggy) images; ``ivar`` (same shape) marks
+        masked pixels, which an encoder pretrained with ``zero_masked`` expects set to 0."""
+        return self.embed_normalised(self.normalizer(self.normalizer.mask(images, ivar)))
 
     def embed_normalised(self, x: torch.Tensor) -> torch.Tensor:
         """Standardised encoder embedding of normalised (arcsinh-stretched) images."""
         return (self.encoder(x) - self.emb_mean) / self.emb_std
 
-    def forward(self, images: torch.Tensor):
-        e = self.embed(images)
+    def forward(self, images: torch.Tensor, ivar: torch.Tensor | np.ndarray | None = None):
+        e = self.embed(images, ivar)
         outs = [m(e) for m in self.members]
         return outs[0][0], torch.stack([o[1] for o in outs]), torch.stack([o[2] for o in outs])
 
@@ -251,8 +252,8 @@ class _Inputs:
               device: torch.device) -> torch.Tensor:
         if self.frozen:
             return torch.from_numpy(self.embeddings[idx]).to(device)
-        images, _ = self.ds.raw_many(idx)
-        x = torch.from_numpy(images).to(device)
+        images, ivar = self.ds.raw_many(idx)
+        x = model.normalizer.mask(torch.from_numpy(images).to(device), ivar)
         if gen is not None:
             x = _augment(x, gen)
         return model.embed(x)

@@ -13,6 +13,8 @@
 * :class:`Normalizer`: arcsinh stretch per band, x' = asinh(x / s_b), with s_b = ``k`` times the
   median background noise sigma of band b over the training data (Lupton, Gunn & Szalay 1999,
   AJ 118, 1406, "asinh magnitudes"). It is stored in checkpoints so inference uses the same.
+  With ``zero_masked`` it also sets masked pixels (``ivar = 0``: cosmic rays, bad columns,
+  bright-star masks of real data) to 0 before the stretch (:meth:`Normalizer.mask`).
 """
 
 from __future__ import annotations
@@ -101,14 +103,21 @@ def _asinh_elementwise(y):
 
 @dataclass(frozen=True)
 class Normalizer:
-    """Per-band arcsinh stretch ``asinh(x / scale_b)``; ``scale_nmgy`` in nanomaggies."""
+    """Per-band arcsinh stretch ``asinh(x / scale_b)``; ``scale_nmgy`` in nanomaggies.
+
+    ``zero_masked``: the encoder was trained with masked pixels set to 0 (see :meth:`mask`);
+    whoever feeds it images applies ``mask(images, ivar)`` first, as ``compute_embeddings``,
+    the adaptation loop and ``sim2obs infer`` do.
+    """
 
     bands: tuple[str, ...]
     scale_nmgy: tuple[float, ...]
+    zero_masked: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bands", tuple(self.bands))
         object.__setattr__(self, "scale_nmgy", tuple(float(s) for s in self.scale_nmgy))
+        object.__setattr__(self, "zero_masked", bool(self.zero_masked))
         if len(self.bands) != len(self.scale_nmgy):
             raise Sim2ObsValueError("Normalizer: one scale per band is needed")
         if not all(s > 0 and math.isfinite(s) for s in self.scale_nmgy):
@@ -130,12 +139,40 @@ class Normalizer:
         s = np.asarray(self.scale_nmgy, dtype=np.float32).reshape(-1, 1, 1)
         return np.arcsinh(np.asarray(images, dtype=np.float32) / s)
 
+    def mask(self, images, ivar):
+        """``images`` with masked pixels set to 0 (the sky level of background-subtracted data)
+        when ``zero_masked``; otherwise, or with ``ivar`` None (no inverse variance: nothing is
+        known to be masked), ``images`` itself.
+
+        A pixel is masked where ``ivar`` is 0 (or not positive) in a stamp band that has pixels
+        with ``ivar > 0``; a band with no positive ivar at all (a noiseless mock, or an
+        estimated noise of 0) is left as it is. numpy arrays or torch tensors, ``images`` and
+        ``ivar`` of the same shape (..., B, H, W); returns the type of ``images``.
+        """
+        if not self.zero_masked or ivar is None:
+            return images
+        try:
+            import torch
+
+            if isinstance(images, torch.Tensor):
+                ivar = torch.as_tensor(ivar, device=images.device)
+                has_data = (ivar > 0).flatten(-2).any(-1)[..., None, None]
+                return images.masked_fill(~(ivar > 0) & has_data, 0.0)
+        except ImportError:  # pragma: no cover - torch is a dependency
+            pass
+        ivar = np.asarray(ivar)
+        has_data = (ivar > 0).reshape(*ivar.shape[:-2], -1).any(-1)[..., None, None]
+        return np.where(~(ivar > 0) & has_data, np.zeros((), dtype=np.asarray(images).dtype), images)
+
     def to_dict(self) -> dict:
-        return {"bands": list(self.bands), "scale_nmgy": list(self.scale_nmgy)}
+        d = {"bands": list(self.bands), "scale_nmgy": list(self.scale_nmgy)}
+        if self.zero_masked:  # absent (False) in runs from before the option, and in those without it
+            d["zero_masked"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Normalizer:
-        return cls(tuple(d["bands"]), tuple(d["scale_nmgy"]))
+        return cls(tuple(d["bands"]), tuple(d["scale_nmgy"]), bool(d.get("zero_masked", False)))
 
     @classmethod
     def from_noise(cls, dataset: ShardDataset, k: float = DEFAULT_ASINH_K, max_items: int = 512) -> Normalizer:

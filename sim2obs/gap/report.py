@@ -134,13 +134,15 @@ class _MemoryDataset:
         self.bands = tuple(bands)
         self._idx = [shard.bands.index(x) for x in bands]
         self._images = shard.images
+        self._ivar = shard.ivar
 
     def __len__(self) -> int:
         return len(self._images)
 
     def raw(self, i: int) -> dict:
         img = np.asarray(self._images[i][self._idx], dtype=np.float32)
-        return {"image": np.where(np.isfinite(img), img, 0.0).astype(np.float32)}
+        ivar = None if self._ivar is None else np.asarray(self._ivar[i][self._idx], dtype=np.float32)
+        return {"image": np.where(np.isfinite(img), img, 0.0).astype(np.float32), "ivar": ivar}
 
 
 def embed_shard(run_dir, shard: Shard, device: str = "cpu") -> np.ndarray:

@@ -46,7 +46,8 @@ def compute_embeddings(encoder: torch.nn.Module, normalizer: Normalizer, dataset
     out = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="embed", disable=not progress):
         idx = range(start, min(len(dataset), start + batch_size))
-        x = torch.from_numpy(np.stack([dataset.raw(i)["image"] for i in idx])).to(dev)
+        items = [dataset.raw(i) for i in idx]  # masked pixels -> 0 if the encoder was trained so
+        x = torch.from_numpy(np.stack([normalizer.mask(it["image"], it.get("ivar")) for it in items])).to(dev)
         out.append(encoder(normalizer(x)).float().cpu().numpy())
     return np.concatenate(out).astype(np.float32)
 

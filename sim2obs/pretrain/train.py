@@ -91,6 +91,7 @@ class PretrainConfig:
     seed: int = 0
     stream: bool = False  # stream shards (StreamingShardDataset) instead of random access
     shuffle_buffer: int = 1000  # --stream: items in each reader's shuffle buffer
+    zero_masked: bool = False  # masked pixels (ivar = 0) -> 0 before the views; kept by the Normalizer
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -463,6 +464,7 @@ def prepare_views(a: dict, b: dict, augment, normalizer: Normalizer, generator, 
     with torch.autocast(device.type, enabled=False):
         x = torch.cat([a["image"].to(device, non_blocking=True), b["image"].to(device, non_blocking=True)])
         ivar = torch.cat([a["ivar"].to(device, non_blocking=True), b["ivar"].to(device, non_blocking=True)])
+        x = normalizer.mask(x, ivar)  # zero_masked: masked pixels -> 0, before pixels move
         context = {"ivar": ivar}
         if "survey" in a:  # (2N,) rows of the per-survey tables, on the CPU (checked there)
             context["survey"] = torch.cat([a["survey"], b["survey"]])
@@ -616,8 +618,8 @@ def pretrain(
             f"only {len(train_ds)} training galaxies for a batch of {world_batch}; render more or "
             "lower --batch-size"
         )
-    normalizer = (Normalizer.from_dict(ckpt["normalizer"]) if ckpt
-                  else Normalizer.from_noise(train_ds))
+    normalizer = (Normalizer.from_dict(ckpt["normalizer"]) if ckpt else dataclasses.replace(
+        Normalizer.from_noise(train_ds), zero_masked=config.zero_masked))
     augment = build_augment(config, train_ds).to(dev)
 
     encoder = encoders.build(config.encoder, len(train_ds.bands), config.embed_dim,

@@ -64,6 +64,32 @@ def test_normalizer_from_noise(synthetic_folders):
         Normalizer(("g",), (0.0,))
 
 
+def test_normalizer_mask_zeroes_masked_pixels_only():
+    """zero_masked: pixels with ivar = 0 in a band that has data become 0; a band with no data
+    (ivar 0 everywhere: noiseless mock), no ivar, or zero_masked False leave images as they are."""
+    img = np.full((2, 3, 4, 4), 0.3, np.float32)
+    ivar = np.full_like(img, 400.0)
+    ivar[0, 1, 2, 2] = 0.0  # a cosmic ray ...
+    img[0, 1, 2, 2] = 1e3
+    ivar[1, 2] = 0.0  # ... and a band without data
+    norm = Normalizer(("g", "r", "i"), (0.15, 0.15, 0.15), zero_masked=True)
+    expect = img.copy()
+    expect[0, 1, 2, 2] = 0.0
+    out = norm.mask(img, ivar)
+    np.testing.assert_array_equal(out, expect)
+    assert out.dtype == np.float32
+    t = norm.mask(torch.from_numpy(img), torch.from_numpy(ivar))
+    assert isinstance(t, torch.Tensor)
+    np.testing.assert_array_equal(t.numpy(), expect)
+    np.testing.assert_array_equal(norm.mask(torch.from_numpy(img), ivar).numpy(), expect)  # numpy ivar
+    np.testing.assert_array_equal(norm.mask(img[0], ivar[0]), expect[0])  # one (B, H, W) stamp
+    assert norm.mask(img, None) is img
+    plain = Normalizer(("g", "r", "i"), (0.15, 0.15, 0.15))
+    assert plain.mask(img, ivar) is img
+    assert Normalizer.from_dict(norm.to_dict()) == norm
+    assert "zero_masked" not in plain.to_dict()  # dicts of runs without the option are as before
+
+
 def test_errors(synthetic_folders, tmp_path):
     with pytest.raises(Sim2ObsDataError, match="missing"):
         ShardDataset([synthetic_folders[0], synthetic_folders[1]], bands=("z",))

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace as dataclasses_replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,6 +118,46 @@ def test_multi_survey_augmentations_use_each_surveys_values(synthetic_folders, m
     assert next(t for t in one.transforms if isinstance(t, GalacticReddening)).extinction_coeffs.ndim == 1
 
 
+def test_zero_masked_run_hides_masked_pixels(synthetic_folders, tmp_path):
+    """--zero-masked: cosmic rays under ivar = 0 reach neither the views nor the embeddings; the
+    option travels with the normaliser in the checkpoint."""
+    from sim2obs.data.dataset import ShardDataset
+    from sim2obs.data.shards import read_shard, write_shard
+    from sim2obs.pretrain.augment import Compose
+    from sim2obs.pretrain.evaluate import compute_embeddings
+    from sim2obs.pretrain.train import PairDataset, prepare_views
+
+    masked = tmp_path / "masked"
+    masked.mkdir()
+    for path in sorted(Path(synthetic_folders[0]).glob("*.h5")):
+        shard = read_shard(path)
+        images, ivar = shard.images.copy(), shard.ivar.copy()
+        images[:, 0, 3:6, 10] = 50.0  # a bad column segment, masked in ivar
+        ivar[:, 0, 3:6, 10] = 0.0
+        write_shard(masked / path.name, dataclasses_replace(shard, images=images, ivar=ivar))
+    run = pretrain([masked], tmp_path / "run", PretrainConfig(zero_masked=True, **TINY), progress=False,
+                   max_steps_per_epoch=1)
+    encoder, norm, _ = load_encoder(run)
+    assert norm.zero_masked
+    ds = ShardDataset(masked)
+    a, b = PairDataset(ds, cross_survey=False, seed=0).__getitems__([0, 1])
+    xa, _ = prepare_views(a, b, Compose([]), norm, None, torch.device("cpu"))
+    assert torch.equal(xa[:, 0, 3:6, 10], torch.zeros(2, 3))
+    assert not torch.equal(xa[:, 0, 3:6, 9], torch.zeros(2, 3))  # its neighbours are data
+    # the clean images with the same pixels set to 0 are what the encoder sees of the masked ones
+    zeroed = _embed_zeroed(encoder, norm, ShardDataset(synthetic_folders[0]))
+    np.testing.assert_allclose(compute_embeddings(encoder, norm, ds), zeroed, rtol=0, atol=1e-7)
+    unmasked = compute_embeddings(encoder, dataclasses_replace(norm, zero_masked=False), ds)
+    assert np.abs(unmasked - zeroed).max() > 1e-5  # without the option the bad column shows (100x atol)
+
+
+def _embed_zeroed(encoder, norm, ds):
+    images = torch.from_numpy(np.stack([ds.raw(i)["image"] for i in range(len(ds))]))
+    images[:, 0, 3:6, 10] = 0.0
+    with torch.no_grad():
+        return encoder.eval()(norm(images)).numpy()
+
+
 def test_epoch_reaches_persistent_workers(synthetic_folders, make_shards, tmp_path):
     """Three surveys (two partners per galaxy): the partner drawn for epoch 1 must be epoch 1's
     in a persistent worker too, whose copy of the dataset never sees set_epoch."""
@@ -175,8 +216,9 @@ def test_augment_on_loader_same_run_for_any_num_workers(synthetic_folders, tmp_p
     out = tmp_path / "cli"
     assert main(["pretrain", str(synthetic_folders[0]), "--out", str(out), "--epochs", "1",
                  "--batch-size", "16", "--embed-dim", "16", "--augment-on", "loader",
-                 "--num-workers", "1", "--device", "cpu", "--quiet"]) == 0
+                 "--num-workers", "1", "--device", "cpu", "--quiet", "--zero-masked"]) == 0
     assert load_checkpoint(out)["config"]["augment_on"] == "loader"
+    assert load_checkpoint(out)["normalizer"]["zero_masked"] is True
     with pytest.raises(Sim2ObsValueError, match="augment_on"):
         PretrainConfig(augment_on="gpu")
     with pytest.raises(Sim2ObsValueError, match="--stream"):
