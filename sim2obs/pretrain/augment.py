@@ -485,16 +485,29 @@ class PSFDegrade(Augmentation):
                 f"PSFDegrade was given {self.fwhm_in_pix.shape[-1]} band FWHMs but the batch has {b} bands"
             )
         wd = _work_dtype(x)
-        s_in = _survey_rows(self.fwhm_in_pix.to(x.device) / FWHM_PER_SIGMA, survey, n, "PSFDegrade")
-        f = _uniform((n, b if self.per_band else 1), self.min_factor, self.max_factor, generator, x.device)
-        sigma = (s_in * torch.sqrt(f**2 - 1.0)).to(wd)  # (N, B)
+        sigma = self.draw_sigma(n, generator, x.device, wd, survey)
+        m_y, m_x = self.blur_matrices(sigma, h, w)
+        with torch.autocast(x.device.type, enabled=False):  # keep wd under a caller's autocast
+            out = torch.matmul(torch.matmul(m_y, x.to(wd)), m_x.transpose(-1, -2))
+        return _like(out, x)
+
+    def draw_sigma(self, n: int, generator: torch.Generator | None, device: torch.device,
+                   dtype: torch.dtype, survey: Tensor | None = None) -> Tensor:
+        """(N, B) sigmas (pixels) of the extra Gaussian: one seeing factor per sample (per sample
+        and band with ``per_band``) drawn from ``generator``."""
+        b = self.fwhm_in_pix.shape[-1]
+        s_in = _survey_rows(self.fwhm_in_pix.to(device) / FWHM_PER_SIGMA, survey, n, "PSFDegrade")
+        f = _uniform((n, b if self.per_band else 1), self.min_factor, self.max_factor, generator, device)
+        return (s_in * torch.sqrt(f**2 - 1.0)).to(dtype)  # (N, B)
+
+    def blur_matrices(self, sigma: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
+        """``(M_y (N, B, h, h), M_x (N, B, w, w))``: the blur of an (h, w) stamp by Gaussians of
+        ``sigma`` (N, B) is ``M_y X M_x^T``."""
         pad = self._pad()
         c = (-2.0 * math.pi**2) * sigma**2  # (N, B): transfer exp(c |k|^2)
         m_y = self._blur_matrices(c, h, h + pad)
         m_x = m_y if (w, w + pad) == (h, h + pad) else self._blur_matrices(c, w, w + pad)
-        with torch.autocast(x.device.type, enabled=False):  # keep wd under a caller's autocast
-            out = torch.matmul(torch.matmul(m_y, x.to(wd)), m_x.transpose(-1, -2))
-        return _like(out, x)
+        return m_y, m_x
 
     def _blur_matrices(self, c: Tensor, n: int, n_pad: int) -> Tensor:
         """(N, B, n, n) matrices M[i, j] = k[(i - j) mod n_pad]: the 1-D Gaussian blur of an
@@ -521,6 +534,22 @@ class PSFDegrade(Augmentation):
     def extra_repr(self) -> str:
         return (f"fwhm_in_pix={_rounded(self.fwhm_in_pix)}, "
                 f"factor=U({self.min_factor}, {self.max_factor}), per_band={self.per_band}")
+
+
+def noise_sigma(ivar, x: Tensor, name: str) -> Tensor:
+    """Pixel noise sigma ``1 / sqrt(ivar)`` in ``x``'s working dtype, on ivar's own shape (a
+    per-band ivar stays small; it must broadcast to ``x``), 0 where ivar <= 0 or is NaN (no data:
+    no noise is added there)."""
+    ivar = torch.as_tensor(ivar, device=x.device).to(_work_dtype(x))
+    try:
+        fits = torch.broadcast_shapes(ivar.shape, x.shape) == x.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise Sim2ObsValueError(
+            f"{name}: ivar of shape {tuple(ivar.shape)} does not broadcast to the batch {tuple(x.shape)}"
+        )
+    return torch.rsqrt(ivar).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # rsqrt: inf/nan at <= 0
 
 
 class NoiseResample(Augmentation):
@@ -570,24 +599,18 @@ class NoiseResample(Augmentation):
             )
         n, b = x.shape[:2]
         wd = _work_dtype(x)
-        ivar = torch.as_tensor(ivar, device=x.device).to(wd)
-        try:
-            fits = torch.broadcast_shapes(ivar.shape, x.shape) == x.shape
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise Sim2ObsValueError(
-                f"NoiseResample: ivar of shape {tuple(ivar.shape)} does not broadcast to the "
-                f"batch {tuple(x.shape)}"
-            )
-        s = _uniform((n, b if self.per_band else 1), *self.factor_range, generator, x.device).to(wd)
+        sigma_in = noise_sigma(ivar, x, "NoiseResample")
+        s = self.draw_factor(n, b, generator, x.device, wd)
         sqrt_alpha = torch.sqrt(s**2 - 1.0)[:, :, None, None]
-        # input sigma 1/sqrt(ivar) on ivar's own shape (a per-band ivar stays small), 0 where
-        # ivar <= 0 or nan (rsqrt gives inf or nan there); sigma_add = sqrt(alpha) / sqrt(ivar)
-        sigma_add = torch.rsqrt(ivar).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0) * sqrt_alpha
+        sigma_add = sigma_in * sqrt_alpha  # sqrt(alpha) / sqrt(ivar)
         eps = _randn(tuple(x.shape), generator, x.device, wd)
         eps.mul_(sigma_add)
         return _like(eps.add_(x.to(wd)), x)
+
+    def draw_factor(self, n: int, b: int, generator: torch.Generator | None, device: torch.device,
+                    dtype: torch.dtype) -> Tensor:
+        """(N, 1) noise factors s (N, B with ``per_band``) drawn from ``generator``."""
+        return _uniform((n, b if self.per_band else 1), *self.factor_range, generator, device).to(dtype)
 
     def extra_repr(self) -> str:
         return f"factor_range={self.factor_range}, per_band={self.per_band}"
@@ -688,10 +711,15 @@ class GalacticReddening(Augmentation):
                 f"batch has {b} bands"
             )
         wd = _work_dtype(x)
-        r = _survey_rows(self.extinction_coeffs.to(x.device, wd), survey, n, "GalacticReddening")
-        ebv = _uniform((n, 1), self.ebv_min, self.ebv_max, generator, x.device).to(wd)
-        factor = torch.pow(10.0, -0.4 * r * ebv)
+        factor = self.draw_factor(n, generator, x.device, wd, survey)
         return _like(x.to(wd) * factor[:, :, None, None], x)
+
+    def draw_factor(self, n: int, generator: torch.Generator | None, device: torch.device,
+                    dtype: torch.dtype, survey: Tensor | None = None) -> Tensor:
+        """(N, B) flux factors ``10^(-0.4 R_b E(B-V))``, one E(B-V) per sample from ``generator``."""
+        r = _survey_rows(self.extinction_coeffs.to(device, dtype), survey, n, "GalacticReddening")
+        ebv = _uniform((n, 1), self.ebv_min, self.ebv_max, generator, device).to(dtype)
+        return torch.pow(10.0, -0.4 * r * ebv)
 
     def extra_repr(self) -> str:
         return (f"R={_rounded(self.extinction_coeffs)}, "

@@ -94,19 +94,24 @@ def test_multi_survey_augmentations_use_each_surveys_values(synthetic_folders, m
     from sim2obs.data.dataset import ShardDataset
     from sim2obs.forward_models.surveys import get_survey
     from sim2obs.pretrain.augment import GalacticReddening, PSFDegrade, extinction_coefficients
+    from sim2obs.pretrain.reobserve import Reobserve
     from sim2obs.pretrain.train import PairDataset, build_augment, survey_names
 
     bands = ("g", "r", "i")
     lsst_wide = make_shards(tmp_path / "lsst", n=96, survey="lsst", bands=bands, seed=2)
     ds = ShardDataset([synthetic_folders[0], lsst_wide], bands=bands)
     assert survey_names(ds) == ("hsc", "lsst")
-    aug = build_augment(PretrainConfig(bands=bands, **TINY), ds)
-    red = next(t for t in aug.transforms if isinstance(t, GalacticReddening))
+    reobserve = build_augment(PretrainConfig(bands=bands, **TINY), ds).transforms[0]
+    assert isinstance(reobserve, Reobserve)
+    physical = build_augment(PretrainConfig(bands=bands, augment="physical", **TINY), ds).transforms
+    red = next(t for t in physical if isinstance(t, GalacticReddening))
+    torch.testing.assert_close(reobserve.reddening.extinction_coeffs, red.extinction_coeffs)
     for row, name in enumerate(("hsc", "lsst")):
         expect = extinction_coefficients([b.filter for b in get_survey(name).with_bands(bands).bands])
         np.testing.assert_allclose(red.extinction_coeffs[row].numpy(), expect, rtol=1e-6)
     assert not np.allclose(red.extinction_coeffs[0], red.extinction_coeffs[1])
-    psf = next(t for t in aug.transforms if isinstance(t, PSFDegrade))
+    psf = next(t for t in physical if isinstance(t, PSFDegrade))
+    torch.testing.assert_close(reobserve.psf.fwhm_in_pix, psf.fwhm_in_pix)
     # the synthetic shards record 0.7 arcsec seeing at 0.168 arcsec per pixel for both surveys
     np.testing.assert_allclose(psf.fwhm_in_pix.numpy(), np.full((2, 3), 0.7 / 0.168), rtol=1e-6)
     pairs = PairDataset(ds, cross_survey=True, seed=0)
@@ -115,7 +120,7 @@ def test_multi_survey_augmentations_use_each_surveys_values(synthetic_folders, m
     assert a["survey"].tolist() == expect_a and b["survey"].tolist() == [1 - v for v in expect_a]
     # one survey: plain (B,) vectors, as before per-survey tables existed
     one = build_augment(PretrainConfig(bands=bands, **TINY), ShardDataset([lsst_wide], bands=bands))
-    assert next(t for t in one.transforms if isinstance(t, GalacticReddening)).extinction_coeffs.ndim == 1
+    assert one.transforms[0].reddening.extinction_coeffs.ndim == 1
 
 
 def test_zero_masked_run_hides_masked_pixels(synthetic_folders, tmp_path):

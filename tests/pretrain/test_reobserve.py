@@ -1,0 +1,115 @@
+"""Reobserve: the view's noise variance is s^2 / ivar at every pixel whatever the blur and dust;
+flux, FWHM and colours change as the separate augmentations change them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sim2obs.errors import Sim2ObsValueError
+from sim2obs.pretrain.augment import FWHM_PER_SIGMA, Compose, NoiseResample, PSFDegrade
+from sim2obs.pretrain.reobserve import Reobserve
+
+S = 48
+FWHM = [4.7, 4.5, 3.6]  # HSC g, r, i seeing in 0.168" pixels (0.79", 0.75", 0.61")
+R = [3.6, 2.6, 1.9]  # extinction coefficients of the order of HSC g, r, i
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def white_noise(n=256, b=3, sigma=0.05, seed=1):
+    x = sigma * torch.randn(n, b, S, S, generator=gen(seed))
+    return x, torch.full_like(x, sigma**-2)
+
+
+def point_source(n, b, fwhm_pix, flux=1.0):
+    """(n, b, S, S) sampled circular Gaussians of the given FWHM (pixels) and total flux."""
+    c = (S - 1) / 2
+    y, x = torch.meshgrid(torch.arange(S, dtype=torch.float64), torch.arange(S, dtype=torch.float64),
+                          indexing="ij")
+    s = fwhm_pix / FWHM_PER_SIGMA
+    img = torch.exp(-((x - c) ** 2 + (y - c) ** 2) / (2 * s**2))
+    return (flux * img / img.sum()).expand(n, b, S, S).float().clone()
+
+
+def fwhm_of(img):
+    """FWHM from second moments (circular Gaussian), per (n, b)."""
+    yy, xx = torch.meshgrid(torch.arange(S, dtype=torch.float64), torch.arange(S, dtype=torch.float64),
+                            indexing="ij")
+    w = img.double()
+    f = w.sum((2, 3))
+    mx, my = (w * xx).sum((2, 3)) / f, (w * yy).sum((2, 3)) / f
+    var = ((w * ((xx - mx[..., None, None]) ** 2 + (yy - my[..., None, None]) ** 2)).sum((2, 3)) / f) / 2
+    return FWHM_PER_SIGMA * var.sqrt()
+
+
+@pytest.mark.parametrize("s", [1.0, 1.5])
+def test_noise_level_is_the_target_at_every_pixel(s):
+    """White noise in: the view's pixel sigma is s x the input's, in the centre and at the edges
+    (where the zero-padded blur keeps less variance), in every band, after worse seeing and dust
+    -- where PSFDegrade alone leaves about a quarter of it."""
+    x, ivar = white_noise()
+    aug = Reobserve(FWHM, R, seeing_factor=(1.3, 1.3), ebv_max=0.1, noise_factor=(s, s))
+    y = aug(x, gen(2), ivar=ivar)
+    # 256 x 48 x 48 samples per band: relative error of a std ~ 1/sqrt(2 x 589824) ~ 0.1 %
+    torch.testing.assert_close(y.std(dim=(0, 2, 3)) / 0.05, torch.full((3,), s), rtol=0.01, atol=0)
+    edge = y[..., :, :2].std() / 0.05  # within 2 px of a border: the blur keeps ~half the variance there
+    assert edge == pytest.approx(s, rel=0.02)
+    smoothed = PSFDegrade(FWHM, max_factor=1.3, min_factor=1.3)(x, gen(2)).std() / 0.05
+    assert smoothed < 0.35  # what the view would have without the top-up
+
+
+def test_signal_is_blurred_dimmed_and_flux_kept():
+    """Noise-free pixels (ivar = 0 gets no noise): the galaxy part of the view is the blurred
+    and dimmed input -- FWHM f x the input's, band flux ratios 10^(-0.4 (R_b - R_c) E(B-V))."""
+    n = 64
+    x = point_source(n, 3, 4.0, flux=10.0)
+    fwhm = [4.0, 4.0, 4.0]
+    y = Reobserve(fwhm, R, seeing_factor=(1.5, 1.5), ebv_max=0.2)(x, gen(3), ivar=torch.zeros_like(x))
+    torch.testing.assert_close(fwhm_of(y), torch.full((n, 3), 6.0, dtype=torch.float64), rtol=2e-3, atol=0)
+    flux = y.double().sum((2, 3))
+    ebv = -2.5 * torch.log10(flux / 10.0) / torch.tensor(R, dtype=torch.float64)
+    torch.testing.assert_close(ebv, ebv[:, :1].expand_as(ebv), rtol=1e-4, atol=1e-7)  # one E(B-V) per galaxy
+    assert (ebv >= -1e-6).all() and (ebv <= 0.2 + 1e-6).all() and ebv.std() > 0.02
+    # without dust and blur tables only noise is added: the mean of many views is the input
+    y = Reobserve(noise_factor=(1.5, 1.5))(x[:1].expand(4096, 3, S, S), gen(4), ivar=torch.full_like(x[:1], 400.0))
+    torch.testing.assert_close(y.mean(0), x[0], rtol=0, atol=4 * 1.5 * 0.05 * math.sqrt(1.25) / 64)
+
+
+def test_masked_pixels_get_no_noise_and_draws_are_reproducible():
+    x, ivar = white_noise(n=4)
+    ivar[:, :, :5] = 0.0
+    aug = Reobserve(None, None, noise_factor=(1.5, 2.0))  # noise only: the blur would mix rows
+    y = aug(x, gen(5), ivar=ivar)
+    assert torch.equal(y[:, :, :5], x[:, :, :5])
+    assert torch.equal(aug(x, gen(5), ivar=ivar), y)
+    assert not torch.equal(aug(x, gen(6), ivar=ivar), y)
+    # without blur or dust Reobserve is NoiseResample (same draws)
+    torch.testing.assert_close(y, NoiseResample(factor_range=(1.5, 2.0))(x, gen(5), ivar=ivar), rtol=0, atol=1e-7)
+
+
+def test_per_survey_tables_and_errors():
+    x, ivar = white_noise(n=6)
+    survey = torch.tensor([0, 1, 0, 1, 1, 0])
+    aug = Reobserve([FWHM, [3.0, 3.0, 3.0]], [R, [3.2, 2.2, 1.6]], seeing_factor=(1.2, 1.3))
+    y = Compose([aug])(x, gen(7), ivar=ivar, survey=survey)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    with pytest.raises(Sim2ObsValueError, match="pass survey="):
+        aug(x, gen(7), ivar=ivar)
+    with pytest.raises(Sim2ObsValueError, match="inverse variance"):
+        Reobserve(FWHM, R)(x, gen(0))
+    with pytest.raises(Sim2ObsValueError, match="3 bands but the batch has 2"):
+        Reobserve(FWHM, None)(x[:, :2], gen(0), ivar=ivar[:, :2])
+    with pytest.raises(Sim2ObsValueError, match="broadcast"):
+        Reobserve(FWHM, R)(x, gen(0), ivar=torch.ones(5, 7))
+    with pytest.raises(Sim2ObsValueError, match="sharper"):
+        Reobserve(FWHM, R, seeing_factor=(0.8, 1.2))
+    with pytest.raises(Sim2ObsValueError, match="removed"):
+        Reobserve(FWHM, R, noise_factor=(0.5, 1.0))
+    # half precision in, half precision out (computed in float32)
+    h = Reobserve(FWHM, R)(x.to(torch.bfloat16), gen(8), ivar=ivar)
+    assert h.dtype == torch.bfloat16
