@@ -226,14 +226,26 @@ def _selection_auc(run: Path, source: Path, target_train: Path, config, seed: in
 def run_benchmark(out: str | Path, seeds: int = 3, methods=None, quick: bool = False,
                   pretrained: str | Path | None = None, label_efficiency: bool = True,
                   workers: int = 2, device: str = "auto", progress: bool = True,
-                  log: Callable[[str], None] | None = None, sizes: BenchSizes | None = None) -> dict:
-    """Run the protocol; write ``out/results.json`` and ``out/results.md``; return the results."""
+                  log: Callable[[str], None] | None = None, sizes: BenchSizes | None = None,
+                  pretrain_augment: str | None = None) -> dict:
+    """Run the protocol; write ``out/results.json`` and ``out/results.md``; return the results.
+
+    ``pretrain_augment`` replaces the protocol's pretraining views (``PROTOCOL['pretrain_augment']``)
+    for an experiment; results.json records it and results.md's title names it."""
     from sim2obs.adapters import METHODS
     from sim2obs.adapters.loop import DEFAULT_ADAPTER_WEIGHT, AdaptConfig, adapt
     from sim2obs.infer import predict, scores
     from sim2obs.pretrain.train import CHECKPOINT, PretrainConfig, load_checkpoint, pretrain
 
     log = log or (lambda s: None)
+    protocol = dict(PROTOCOL)
+    if pretrain_augment is not None:
+        from sim2obs.pretrain.train import AUGMENT_PRESETS
+
+        if pretrain_augment not in AUGMENT_PRESETS:
+            raise Sim2ObsValueError(f"pretrain_augment must be one of {list(AUGMENT_PRESETS)}, "
+                                    f"got '{pretrain_augment}'")
+        protocol["pretrain_augment"] = pretrain_augment
     sizes = sizes or (QUICK if quick else BenchSizes())
     methods = list(methods or [m for m in METHODS if m != "none"])
     bad = [m for m in methods if m not in METHODS or m == "none"]
@@ -250,7 +262,14 @@ def run_benchmark(out: str | Path, seeds: int = 3, methods=None, quick: bool = F
             return Path(pretrained)
         pre = out / ("pretrain" if seed == 0 else f"pretrain_seed{seed}")
         cfg = PretrainConfig(epochs=sizes.pretrain_epochs, batch_size=128 if not quick else 32,
-                             cross_survey=False, seed=seed, augment=PROTOCOL["pretrain_augment"])
+                             cross_survey=False, seed=seed, augment=protocol["pretrain_augment"])
+        if (pre / CHECKPOINT).exists():
+            used = load_checkpoint(pre)["config"].get("augment")
+            if used != cfg.augment:
+                raise Sim2ObsValueError(
+                    f"'{pre}' was pretrained with --augment {used}, this call asks for "
+                    f"{cfg.augment}; use a fresh --out or delete that folder"
+                )
         done = (pre / CHECKPOINT).exists() and load_checkpoint(pre)["epoch"] + 1 >= cfg.epochs
         if not done:
             log(f"pretrain SimCLR (seed {seed}) on source + target_train images ({cfg.epochs} epochs)")
@@ -317,7 +336,7 @@ def run_benchmark(out: str | Path, seeds: int = 3, methods=None, quick: bool = F
                 f"; AUC after {res['gap_after']['c2st_auc']:.3f}")
 
     eff = _label_efficiency(encoders[0], data, out, sizes, device, quick, log) if label_efficiency else None
-    results = {"protocol": PROTOCOL, "sizes": asdict(sizes), "seeds": seeds,
+    results = {"protocol": protocol, "sizes": asdict(sizes), "seeds": seeds,
                "pretrained": [str(e) for e in encoders], "runs": runs, "summary": _summarise(runs, labels),
                "gap_before": _mean_std([r["gap"] for r in runs["none"]]),
                "label_efficiency": eff, "references": REFERENCES,
@@ -449,8 +468,11 @@ def results_markdown(r: dict) -> str:
     s = r["summary"]
     head = "| run | " + " | ".join(f"{lab} NMAD | {lab} bias | {lab} R² | {lab} cov68" for lab in labels)
     head += " | domain AUC | Sinkhorn |"
-    lines = [f"### sim2real benchmark (protocol v{r['protocol']['version']}, {r['seeds']} seeds, "
-             f"mean ± std; target test set)", "", head,
+    views = r["protocol"].get("pretrain_augment", "physical")
+    changed = (f", pretraining views '{views}' instead of the protocol's "
+               f"'{PROTOCOL['pretrain_augment']}'" if views != PROTOCOL["pretrain_augment"] else "")
+    lines = [f"### sim2real benchmark (protocol v{r['protocol']['version']}{changed}, {r['seeds']} "
+             f"seeds, mean ± std; target test set)", "", head,
              "|" + "---|" * (1 + 4 * len(labels) + 2)]
 
     def pm(d):

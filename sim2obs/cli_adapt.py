@@ -171,6 +171,11 @@ def add_benchmark(sub) -> None:
                    help="adapters to compare (default: all)")
     p.add_argument("--pretrained", type=Path, default=None,
                    help="use this pretraining run for every seed instead of pretraining one per seed")
+    p.add_argument("--pretrain-augment", choices=("reobserve", "physical", "geometric", "none"),
+                   default=None,
+                   help="an experiment outside the protocol: pretrain with these views instead of "
+                        "the protocol's ('physical' for v3); recorded in results.json and the "
+                        "results.md title")
     p.add_argument("--no-label-efficiency", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a result)")
     p.add_argument("--workers", type=int, default=2, help="rendering processes")
@@ -184,5 +189,6 @@ def _cmd_benchmark(args) -> int:
 
     run_benchmark(args.out, seeds=args.seeds, methods=args.methods, quick=args.quick,
                   pretrained=args.pretrained, label_efficiency=not args.no_label_efficiency,
-                  workers=args.workers, device=args.device, progress=not args.quiet, log=_log)
+                  workers=args.workers, device=args.device, progress=not args.quiet, log=_log,
+                  pretrain_augment=args.pretrain_augment)
     return 0

@@ -101,6 +101,9 @@ def test_closure_per_seed():
          "closure": {"mmd": 0.5}, "closure_per_seed": c, "references": [], "seconds": 1,
          "gap_before": {"c2st_auc": {"mean": 0.8, "std": 0.0}, "sinkhorn": {"mean": 1.0, "std": 0.0}}}
     assert "Per seed: mmd +30%/+nan%" in results_markdown(r)
+    assert "protocol v3, 2 seeds" in results_markdown(r)
+    r["protocol"] = {**PROTOCOL, "pretrain_augment": "reobserve"}  # an experiment outside v3
+    assert "protocol v3, pretraining views 'reobserve' instead of the protocol's 'physical'" in results_markdown(r)
 
 
 def test_quick_benchmark_end_to_end(tmp_path):
@@ -125,6 +128,15 @@ def test_quick_benchmark_end_to_end(tmp_path):
         assert all(math.isfinite(x["mean"]) for x in r["summary"][m].values())
     assert "Had DEV chosen the weights" in (tmp_path / "bench" / "results.md").read_text()
     assert r["pretrained"] == [str(tmp_path / "bench" / "pretrain")]
+    # v3 pretrains with its own views, whatever pretrain's default
+    from sim2obs.errors import Sim2ObsValueError
+    from sim2obs.pretrain.train import load_checkpoint
+
+    assert on_disk["protocol"]["pretrain_augment"] == "physical"
+    assert load_checkpoint(tmp_path / "bench" / "pretrain")["config"]["augment"] == "physical"
+    with pytest.raises(Sim2ObsValueError, match="pretrained with --augment physical"):
+        run_benchmark(tmp_path / "bench", seeds=1, methods=["mmd"], quick=True, label_efficiency=False,
+                      workers=1, progress=False, pretrain_augment="reobserve")
 
 
 def test_a_reused_run_of_another_encoder_is_refused(tmp_path):

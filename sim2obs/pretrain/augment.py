@@ -30,6 +30,11 @@ NoiseResample          deeper-to-shallower noise: adds noise so sigma -> factor 
 GalacticReddening      Milky-Way dust: flux * 10^(-0.4 R_b E(B-V)) per band
 RedshiftDimming        move to higher z: shrink by D_A ratio, dim by (1+z)^4 in surface brightness
 =====================  =================================================================
+
+PSFDegrade and GalacticReddening lower the pixel noise along with the galaxy (an extra blur of
+~1.3 px sigma leaves ~0.25x the noise sigma). For views at the data's noise level, use
+:class:`sim2obs.pretrain.reobserve.Reobserve`, which draws the same effects and tops the noise
+up to the target (the training default).
 """
 
 from __future__ import annotations
