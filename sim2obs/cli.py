@@ -224,10 +224,12 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--bands", nargs="+", default=None,
                    help="band names to train on (every folder must have them); needed when "
                         "folders of different surveys have different band lists")
-    p.add_argument("--augment", choices=("reobserve", "physical", "geometric", "none"), default="reobserve",
+    p.add_argument("--augment", choices=("reobserve", "reobserve-rotate", "physical", "geometric", "none"),
+                   default="reobserve",
                    help="reobserve (default): each view re-observed under worse seeing (x1-1.3), "
                         "Galactic reddening (E(B-V) < 0.05) and 1-1.5x the data's pixel noise, then "
-                        "dihedral flips and sub-pixel shifts. physical: the earlier chain (noise "
+                        "dihedral flips and sub-pixel shifts. reobserve-rotate: the same after a "
+                        "random position angle (noise kept). physical: the earlier chain (noise "
                         "re-drawn, then blurred: views about 3x less noisy than the data), for "
                         "runs made with it. geometric: flips and shifts only. none")
     p.add_argument("--no-cross-survey", action="store_true",

@@ -171,7 +171,7 @@ def add_benchmark(sub) -> None:
                    help="adapters to compare (default: all)")
     p.add_argument("--pretrained", type=Path, default=None,
                    help="use this pretraining run for every seed instead of pretraining one per seed")
-    p.add_argument("--pretrain-augment", choices=("reobserve", "physical", "geometric", "none"),
+    p.add_argument("--pretrain-augment", choices=("reobserve", "reobserve-rotate", "physical", "geometric", "none"),
                    default=None,
                    help="an experiment outside the protocol: pretrain with these views instead of "
                         "the protocol's ('physical' for v3); recorded in results.json and the "

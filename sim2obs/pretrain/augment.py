@@ -206,13 +206,14 @@ class Compose(nn.Module):
         self.layers = nn.ModuleList([t for t in self.transforms if isinstance(t, nn.Module)])
         moved = None
         for t in self.transforms:
-            if getattr(t, "geometric", False):
-                moved = moved or type(t).__name__
+            # a transform may read ivar at its own input (aligned) even if it then moves pixels
             if moved and "ivar" in getattr(t, "context_keys", ()):
                 raise Sim2ObsValueError(
                     f"Compose: {type(t).__name__} reads the pixel-aligned 'ivar' map but comes after "
                     f"the geometric transform {moved}; put it before every geometric transform"
                 )
+            if getattr(t, "geometric", False):
+                moved = moved or type(t).__name__
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None, **context) -> Tensor:
         for t in self.transforms:
@@ -299,15 +300,20 @@ class RandomRotation(Augmentation):
     def forward(self, x: Tensor, generator: torch.Generator | None = None, **context) -> Tensor:
         _check_batch(x, "RandomRotation")
         n, _, h, w = x.shape
-        angle = torch.deg2rad(_uniform((n,), -self.degrees, self.degrees, generator, x.device))
+        theta = self.draw_theta(n, h, w, generator, x.device)
+        return affine_resample(x, theta, padding_mode=self.padding_mode)
+
+    def draw_theta(self, n: int, h: int, w: int, generator: torch.Generator | None,
+                   device: torch.device) -> Tensor:
+        """(N, 2, 3) affine matrices (``F.affine_grid`` convention) of N random rotations."""
+        angle = torch.deg2rad(_uniform((n,), -self.degrees, self.degrees, generator, device))
         c, s = torch.cos(angle), torch.sin(angle)
         zero = torch.zeros_like(c)
         # rotation in pixel units expressed in the normalised frame (aspect ratio h / w)
-        theta = torch.stack([
+        return torch.stack([
             torch.stack([c, -s * h / w, zero], dim=1),
             torch.stack([s * w / h, c, zero], dim=1),
         ], dim=1)
-        return affine_resample(x, theta, padding_mode=self.padding_mode)
 
     def extra_repr(self) -> str:
         return f"degrees={self.degrees}, padding_mode={self.padding_mode!r}"

@@ -55,7 +55,7 @@ METHODS = ("simclr", "vicreg")
 #: Where the augmentations run: on the training device in the main process, or in the DataLoader.
 AUGMENT_ON = ("device", "loader")
 #: Augmentation pipelines (:func:`build_augment`); 'physical' is the chain before 'reobserve'.
-AUGMENT_PRESETS = ("reobserve", "physical", "geometric", "none")
+AUGMENT_PRESETS = ("reobserve", "reobserve-rotate", "physical", "geometric", "none")
 CHECKPOINT = "checkpoint.pt"
 
 #: Default encoder for CPU-friendly runs: a 4-stage ResNet, 16 base channels, stride-2 stem.
@@ -392,7 +392,8 @@ def build_augment(config: PretrainConfig, dataset: ShardDataset):
     whatever the extra blur and dust. ``physical`` is the earlier chain -- noise re-realisation,
     then blur and dimming that smooth that noise to about 0.35x the data's sigma (median, HSC):
     views deeper than the data -- kept so that runs made with it (benchmark protocol v3) resume
-    and reproduce.
+    and reproduce. ``reobserve-rotate`` adds an arbitrary position angle (bilinear, noise topped
+    up) before the rest.
 
     Worse seeing starts from each survey's median PSF FWHM (in its own pixels) and reddening
     uses each survey's extinction coefficients: with several surveys both take an (S, B) table
@@ -417,11 +418,12 @@ def build_augment(config: PretrainConfig, dataset: ShardDataset):
     fwhm = (rows[0] if len(rows) == 1 else rows) if all(r is not None for r in rows) else None
     rows = [_extinction_coefficients(name, dataset.bands) for name in names]
     coeffs = (rows[0] if len(rows) == 1 else rows) if all(r is not None for r in rows) else None
-    if config.augment == "reobserve":
+    if config.augment in ("reobserve", "reobserve-rotate"):
         from sim2obs.pretrain.reobserve import Reobserve
 
+        rotate = config.augment == "reobserve-rotate"
         return A.Compose([Reobserve(fwhm, coeffs, seeing_factor=(1.0, 1.3), ebv_max=0.05,
-                                    noise_factor=(1.0, 1.5))] + geometric)
+                                    noise_factor=(1.0, 1.5), rotate=rotate)] + geometric)
     physical: list = [A.NoiseResample(factor_range=(1.0, 1.5))]  # 'physical'
     if fwhm is not None:
         physical.append(A.PSFDegrade(fwhm, max_factor=1.3))

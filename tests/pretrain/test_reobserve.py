@@ -113,3 +113,73 @@ def test_per_survey_tables_and_errors():
     # half precision in, half precision out (computed in float32)
     h = Reobserve(FWHM, R)(x.to(torch.bfloat16), gen(8), ivar=ivar)
     assert h.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------ rotation
+
+def test_bilinear_kept_variance_matches_resampled_white_noise():
+    """The predicted per-pixel variance of a bilinear resampling equals that of 3000 resampled
+    unit white-noise images (sampling error of a variance: sqrt(2/3000) ~ 2.6 %)."""
+    import torch.nn.functional as F
+
+    from sim2obs.pretrain.augment import RandomRotation
+    from sim2obs.pretrain.reobserve import bilinear_kept_variance
+
+    h, w = 24, 30
+    theta = RandomRotation(180.0).draw_theta(1, h, w, gen(9), torch.device("cpu"))
+    x = torch.randn(3000, 1, h, w, generator=gen(10))
+    for mode in ("zeros", "reflection", "border"):
+        grid = F.affine_grid(theta.expand(3000, 2, 3), [3000, 1, h, w], align_corners=False)
+        y = F.grid_sample(x, grid, mode="bilinear", padding_mode=mode, align_corners=False)
+        pred = bilinear_kept_variance(theta, h, w, mode)[0, 0]
+        # 1/4 (half-way between pixels on both axes) to 1; 0 outside the stamp with zeros padding
+        assert pred.min() >= (0.0 if mode == "zeros" else 0.25 - 1e-6) and pred.max() <= 1.0 + 1e-6
+        torch.testing.assert_close(y.var(0)[0], pred, rtol=0, atol=0.12)  # max of 720 pixels: ~4.5 sigma
+        assert abs(float((y.var(0)[0] - pred).mean())) < 0.01
+    with pytest.raises(Sim2ObsValueError, match="padding_mode"):
+        bilinear_kept_variance(theta, h, w, "wrap")
+
+
+@pytest.mark.parametrize("s", [1.0, 1.5])
+def test_rotated_views_keep_the_noise_level(s):
+    """reobserve-rotate: after an arbitrary rotation (which alone leaves ~0.67 of the noise
+    sigma) and worse seeing, the view's noise is s x the input's within 3 %, corners included."""
+    x, ivar = white_noise()
+    y = Reobserve(FWHM, R, seeing_factor=(1.0, 1.3), noise_factor=(s, s), rotate=True)(x, gen(11), ivar=ivar)
+    torch.testing.assert_close(y.std(dim=(0, 2, 3)) / 0.05, torch.full((3,), s), rtol=0.03, atol=0)
+    assert float(y[..., :6, :6].std() / 0.05) == pytest.approx(s, rel=0.03)
+
+
+def test_rotation_turns_the_galaxy_and_keeps_its_flux_and_size():
+    n, c = 64, (S - 1) / 2
+    yy, xx = torch.meshgrid(torch.arange(S, dtype=torch.float64), torch.arange(S, dtype=torch.float64),
+                            indexing="ij")
+    img = torch.exp(-((xx - c) ** 2 / (2 * 5.0**2) + (yy - c) ** 2 / (2 * 2.0**2)))  # elongated along x
+    x = (100.0 * img / img.sum()).expand(n, 1, S, S).float().clone()
+    y = Reobserve(noise_factor=(1.0, 1.0), rotate=True)(x, gen(12), ivar=torch.zeros_like(x)).double()
+    flux = y.sum((2, 3))
+    torch.testing.assert_close(flux, torch.full_like(flux, 100.0), rtol=3e-3, atol=0)  # bilinear: ~1e-3
+    m = [(y * q).sum((2, 3)) / flux for q in (xx, yy)]
+    vx = (y * (xx - m[0][..., None, None]) ** 2).sum((2, 3)) / flux
+    vy = (y * (yy - m[1][..., None, None]) ** 2).sum((2, 3)) / flux
+    # trace of the second moments (size) is kept; its split between x and y (orientation) is not
+    # (sampled Gaussian: 5^2 + 2^2; bilinear smoothing adds f(1 - f) <= 1/4 px^2 per axis)
+    torch.testing.assert_close(vx + vy, torch.full_like(vx, 5.0**2 + 2.0**2 + 0.25), rtol=0.01, atol=0)
+    assert (vx < vy).any() and (vx > vy).any()
+    torch.testing.assert_close(torch.stack(m), torch.full_like(torch.stack(m), c), rtol=0, atol=0.05)
+
+
+def test_rotation_turns_the_ivar_map_and_is_a_geometric_first_step():
+    """ivar = 0 in a central disc: no noise is added inside the (rotation-invariant) disc; an
+    ivar reader after the rotation is refused by Compose."""
+    x = torch.zeros(8, 2, S, S)
+    yy, xx = torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij")
+    r = ((xx - (S - 1) / 2) ** 2 + (yy - (S - 1) / 2) ** 2).sqrt()
+    ivar = torch.where(r < 8, 0.0, 400.0).expand(8, 2, S, S).clone()
+    y = Reobserve(noise_factor=(1.2, 1.2), rotate=True)(x, gen(13), ivar=ivar)
+    assert torch.equal(y[..., r < 6], torch.zeros_like(y[..., r < 6]))
+    assert (y[..., r > 10] != 0).all()
+    aug = Reobserve(noise_factor=(1.2, 1.2), rotate=True)
+    Compose([aug])(x, gen(0), ivar=ivar)  # reads ivar at its own input: fine
+    with pytest.raises(Sim2ObsValueError, match="after the geometric transform Reobserve"):
+        Compose([aug, NoiseResample()])

@@ -163,6 +163,30 @@ def _embed_zeroed(encoder, norm, ds):
         return encoder.eval()(norm(images)).numpy()
 
 
+def test_augment_presets_run_and_match_the_cli(synthetic_folders, tmp_path):
+    import argparse
+
+    from sim2obs.cli import build_parser
+    from sim2obs.pretrain.reobserve import Reobserve
+    from sim2obs.pretrain.train import AUGMENT_PRESETS
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, flag in (("pretrain", "--augment"), ("benchmark", "--pretrain-augment")):
+        action = next(a for a in sub.choices[name]._actions if flag in a.option_strings)
+        assert tuple(action.choices) == AUGMENT_PRESETS
+    run = pretrain([synthetic_folders[0]], tmp_path / "rot", PretrainConfig(augment="reobserve-rotate", **TINY),
+                   progress=False, max_steps_per_epoch=1)
+    assert load_checkpoint(run)["config"]["augment"] == "reobserve-rotate"
+    from sim2obs.data.dataset import ShardDataset
+    from sim2obs.pretrain.train import build_augment
+
+    first = build_augment(PretrainConfig(augment="reobserve-rotate", **TINY), ShardDataset(synthetic_folders[0])).transforms[0]
+    assert isinstance(first, Reobserve) and first.rotation is not None
+    with pytest.raises(Sim2ObsValueError, match="augment must be one of"):
+        PretrainConfig(augment="full")
+
+
 def test_epoch_reaches_persistent_workers(synthetic_folders, make_shards, tmp_path):
     """Three surveys (two partners per galaxy): the partner drawn for epoch 1 must be epoch 1's
     in a persistent worker too, whose copy of the dataset never sees set_epoch."""
