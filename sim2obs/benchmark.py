@@ -246,6 +246,8 @@ def run_benchmark(out: str | Path, seeds: int = 3, methods=None, quick: bool = F
             raise Sim2ObsValueError(f"pretrain_augment must be one of {list(AUGMENT_PRESETS)}, "
                                     f"got '{pretrain_augment}'")
         protocol["pretrain_augment"] = pretrain_augment
+    if pretrained is not None:  # its views are whatever that run used
+        protocol["pretrain_augment"] = load_checkpoint(pretrained)["config"].get("augment", "physical")
     sizes = sizes or (QUICK if quick else BenchSizes())
     methods = list(methods or [m for m in METHODS if m != "none"])
     bad = [m for m in methods if m not in METHODS or m == "none"]
@@ -268,7 +270,8 @@ def run_benchmark(out: str | Path, seeds: int = 3, methods=None, quick: bool = F
             if used != cfg.augment:
                 raise Sim2ObsValueError(
                     f"'{pre}' was pretrained with --augment {used}, this call asks for "
-                    f"{cfg.augment}; use a fresh --out or delete that folder"
+                    f"{cfg.augment}; use a fresh --out (the runs adapted from that encoder are "
+                    "there too)"
                 )
         done = (pre / CHECKPOINT).exists() and load_checkpoint(pre)["epoch"] + 1 >= cfg.epochs
         if not done:

@@ -151,15 +151,12 @@ class Normalizer:
         """
         if not self.zero_masked or ivar is None:
             return images
-        try:
-            import torch
+        import torch
 
-            if isinstance(images, torch.Tensor):
-                ivar = torch.as_tensor(ivar, device=images.device)
-                has_data = (ivar > 0).flatten(-2).any(-1)[..., None, None]
-                return images.masked_fill(~(ivar > 0) & has_data, 0.0)
-        except ImportError:  # pragma: no cover - torch is a dependency
-            pass
+        if isinstance(images, torch.Tensor):
+            ivar = torch.as_tensor(ivar, device=images.device)
+            has_data = (ivar > 0).flatten(-2).any(-1)[..., None, None]
+            return images.masked_fill(~(ivar > 0) & has_data, 0.0)
         ivar = np.asarray(ivar)
         has_data = (ivar > 0).reshape(*ivar.shape[:-2], -1).any(-1)[..., None, None]
         return np.where(~(ivar > 0) & has_data, np.zeros((), dtype=np.asarray(images).dtype), images)

@@ -121,13 +121,13 @@ def _survey_rows(table: Tensor, survey: Tensor | None, n: int, name: str) -> Ten
             "for the batch (Compose and the training loop pass the batch's 'survey')"
         )
     survey = torch.as_tensor(survey).reshape(-1)
-    if survey.numel() != n or survey.dtype.is_floating_point:
+    if survey.numel() != n or survey.dtype.is_floating_point or survey.dtype == torch.bool:
         raise Sim2ObsValueError(
             f"{name}: survey must be {n} integer row indices (one per sample), got "
             f"{survey.numel()} of dtype {survey.dtype}"
         )
-    if survey.device.type == "cpu" and survey.numel() and not (
-            0 <= int(survey.min()) and int(survey.max()) < table.shape[0]):
+    # checked on any device (on a GPU a bad index would be a device-side assert instead)
+    if survey.numel() and not (0 <= int(survey.min()) and int(survey.max()) < table.shape[0]):
         raise Sim2ObsValueError(
             f"{name}: survey indices {int(survey.min())}..{int(survey.max())} outside the "
             f"{table.shape[0]} rows of its table"

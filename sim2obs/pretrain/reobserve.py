@@ -39,6 +39,15 @@ from sim2obs.pretrain.augment import (
 __all__ = ["Reobserve", "bilinear_kept_variance"]
 
 
+def _varies(sigma: Tensor, h: int, w: int) -> bool:
+    """Whether a noise map (ivar's shape) changes within a stamp band (masks, Poisson noise of
+    bright sources, coadd depth steps) rather than being one value per stamp band."""
+    if sigma.ndim < 2 or sigma.shape[-2:] != (h, w):
+        return False
+    flat = sigma.flatten(-2)
+    return bool((flat.amax(-1) != flat.amin(-1)).any())
+
+
 def _reflect(u: Tensor, size: int) -> Tensor:
     """``grid_sample``'s reflection of pixel coordinates (align_corners=False: about -0.5 and
     size - 0.5), then clipped to [0, size - 1] as it does."""
@@ -101,10 +110,13 @@ class Reobserve(Augmentation):
     the sum of its squared weights: the fraction of the input's white-noise variance ``1/ivar``
     that the blur and the dimming leave there is ``d_b^2 v_K``, so the output's noise variance is
     ``s^2 / ivar`` at every pixel -- the same depth as the data for ``s = 1``, ``s^2`` times
-    shallower otherwise -- and ``ivar / s^2`` is its inverse variance. Part of the noise is now
-    correlated on the scale of the extra blur (as in resampled coadds); the per-pixel variance is
-    exact for an input with white noise and locally constant ivar. Pixels with ``ivar <= 0`` get
-    no noise.
+    shallower otherwise -- and ``ivar / s^2`` is its inverse variance. Where ivar varies within a
+    stamp band (masks, Poisson noise of bright sources, depth steps) the variance the blur leaves
+    is computed from the whole map instead, ``d_b^2 (M_y o M_y) V (M_x o M_x)^T`` with
+    ``V = 1 / ivar`` (0 where masked; one more pair of matrix products), and the added noise brings
+    each pixel to ``s^2 / ivar`` where that is reachable. Either way the per-pixel variance is
+    exact for independent input pixel noise; part of the noise is now correlated on the scale of
+    the extra blur (as in resampled coadds). Pixels with ``ivar <= 0`` get no noise.
 
     With ``rotate=True`` the galaxy is first turned by a position angle ``~ U(-180, 180)`` deg
     about the stamp centre (bilinear; the corners, which come from outside the stamp, hold no
@@ -163,20 +175,29 @@ class Reobserve(Augmentation):
             y, sigma_in = self._rotate(y, sigma_in, generator)
         s2 = self.noise.draw_factor(n, b, generator, x.device, wd) ** 2  # (N, 1) or (N, B)
         kept = torch.ones((), dtype=wd, device=x.device)  # fraction of the noise variance left
+        kept_var = None  # or: the variance left, where the input's noise map is not uniform
         if self.psf is not None:
             sigma = self.psf.draw_sigma(n, generator, x.device, wd, survey)
             m_y, m_x = self.psf.blur_matrices(sigma, h, w)
             with torch.autocast(x.device.type, enabled=False):
                 y = torch.matmul(torch.matmul(m_y, y), m_x.transpose(-1, -2))
-            # white noise of variance v through M_y X M_x^T: v sum_j M_y[i,j]^2 sum_k M_x[l,k]^2
-            kept = m_y.square().sum(-1)[..., :, None] * m_x.square().sum(-1)[..., None, :]
+                s_y, s_x = m_y.square(), m_x.square()
+                if _varies(sigma_in, h, w):
+                    # independent noise of variance V through M_y X M_x^T: (M_y o M_y) V (M_x o M_x)^T
+                    var_in = sigma_in.square().expand(n, b, h, w)
+                    kept_var = torch.matmul(torch.matmul(s_y, var_in), s_x.transpose(-1, -2))
+                else:  # V uniform per stamp band: V sum_j M_y[i,j]^2 sum_k M_x[l,k]^2
+                    kept = s_y.sum(-1)[..., :, None] * s_x.sum(-1)[..., None, :]
         if self.reddening is not None:
             d = self.reddening.draw_factor(n, generator, x.device, wd, survey)[:, :, None, None]
             y = y * d
             kept = kept * d.square()
-        deficit = (s2[:, :, None, None] - kept).clamp_(min=0.0)
         eps = _randn(tuple(x.shape), generator, x.device, wd)
-        eps.mul_(deficit.sqrt_() * sigma_in)
+        if kept_var is None:
+            deficit = (s2[:, :, None, None] - kept).clamp_(min=0.0)
+            eps.mul_(deficit.sqrt_() * sigma_in)
+        else:  # target s^2 / ivar at each pixel minus what the blur and dust left there
+            eps.mul_((s2[:, :, None, None] * sigma_in.square() - kept * kept_var).clamp_(min=0.0).sqrt_())
         return _like(eps.add_(y), x)
 
     def _rotate(self, y: Tensor, sigma_in: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:

@@ -383,7 +383,8 @@ def survey_names(dataset) -> tuple[str, ...]:
     return tuple(dict.fromkeys(dataset.surveys))
 
 
-def build_augment(config: PretrainConfig, dataset: ShardDataset):
+def build_augment(config: PretrainConfig, dataset: ShardDataset,
+                  log: Callable[[str], None] | None = None):
     """The augmentation pipeline: physical ones (worse seeing, Galactic reddening, shallower
     depth) before geometric ones (dihedral symmetries, sub-pixel shifts).
 
@@ -397,7 +398,10 @@ def build_augment(config: PretrainConfig, dataset: ShardDataset):
 
     Worse seeing starts from each survey's median PSF FWHM (in its own pixels) and reddening
     uses each survey's extinction coefficients: with several surveys both take an (S, B) table
-    (rows in :func:`survey_names` order) and every sample its own survey's row.
+    (rows in :func:`survey_names` order) and every sample its own survey's row. A survey without
+    them (real data: no ``psf_fwhm_BAND`` labels, a name sim2obs does not know) takes the median
+    of the other surveys' rows, and ``log`` says so; with no survey knowing them the effect is
+    left out.
 
     Only exact or flux- and noise-preserving resamplings are in it. ``RandomRotation`` and
     ``RandomCropResize`` (bilinear) and ``RedshiftDimming`` are in the Python API only: they
@@ -413,11 +417,10 @@ def build_augment(config: PretrainConfig, dataset: ShardDataset):
     if config.augment == "geometric":
         return A.Compose(geometric)
     names = survey_names(dataset)
-    rows = [_median_psf_fwhm_pix(dataset, name) for name in names]
-    # one survey: a (B,) vector, as for a single survey spec; several: an (S, B) table
-    fwhm = (rows[0] if len(rows) == 1 else rows) if all(r is not None for r in rows) else None
-    rows = [_extinction_coefficients(name, dataset.bands) for name in names]
-    coeffs = (rows[0] if len(rows) == 1 else rows) if all(r is not None for r in rows) else None
+    fwhm = _survey_table([_median_psf_fwhm_pix(dataset, name) for name in names], names,
+                         "PSF FWHM (labels/psf_fwhm_BAND)", log)
+    coeffs = _survey_table([_extinction_coefficients(name, dataset.bands) for name in names], names,
+                           "extinction coefficients (a survey sim2obs knows)", log)
     if config.augment in ("reobserve", "reobserve-rotate"):
         from sim2obs.pretrain.reobserve import Reobserve
 
@@ -430,6 +433,21 @@ def build_augment(config: PretrainConfig, dataset: ShardDataset):
     if coeffs is not None:
         physical.append(A.GalacticReddening(coeffs, ebv_max=0.05))
     return A.Compose(physical + geometric)
+
+
+def _survey_table(rows: list, names: tuple[str, ...], what: str, log: Callable[[str], None] | None):
+    """(B,) for one survey, (S, B) for several; rows that are None take the median of the known
+    ones (logged); None when no survey has values."""
+    known = [r for r in rows if r is not None]
+    if not known:
+        return None
+    if len(known) < len(rows):
+        fill = np.median(np.asarray(known, dtype=float), axis=0).tolist()
+        missing = [n for n, r in zip(names, rows, strict=True) if r is None]
+        if log:
+            log(f"augmentations: no {what} for {missing}; using the median of {sorted(set(names) - set(missing))}'s")
+        rows = [fill if r is None else r for r in rows]
+    return rows[0] if len(rows) == 1 else rows
 
 
 def _median_psf_fwhm_pix(dataset: ShardDataset, survey: str, max_files: int = 64):
@@ -604,8 +622,10 @@ def pretrain(
         ckpt = load_checkpoint(out)
         saved = PretrainConfig.from_dict(ckpt["config"])
         if saved != config and log and dist_info.main:
-            log("resuming with the run's saved configuration (config.json); other options given "
-                "now are ignored")
+            diff = ", ".join(f"{f.name}={getattr(saved, f.name)!r} (now {getattr(config, f.name)!r})"
+                             for f in dataclasses.fields(saved)
+                             if getattr(saved, f.name) != getattr(config, f.name))
+            log(f"resuming with the run's saved configuration (config.json): {diff}")
         config = saved  # the run's own config wins: resuming must reproduce the same run
     elif (out / CHECKPOINT).exists():
         raise Sim2ObsValueError(
@@ -639,7 +659,7 @@ def pretrain(
         )
     normalizer = (Normalizer.from_dict(ckpt["normalizer"]) if ckpt else dataclasses.replace(
         Normalizer.from_noise(train_ds), zero_masked=config.zero_masked))
-    augment = build_augment(config, train_ds).to(dev)
+    augment = build_augment(config, train_ds, log if dist_info.main else None).to(dev)
 
     encoder = encoders.build(config.encoder, len(train_ds.bands), config.embed_dim,
                              **config.encoder_kwargs)

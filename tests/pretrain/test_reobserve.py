@@ -92,12 +92,38 @@ def test_masked_pixels_get_no_noise_and_draws_are_reproducible():
     torch.testing.assert_close(y, NoiseResample(factor_range=(1.5, 2.0))(x, gen(5), ivar=ivar), rtol=0, atol=1e-7)
 
 
+def test_noise_map_that_varies_within_a_stamp():
+    """ivar steps by 16x across the stamp (a depth step) and a masked stripe: the view's noise
+    sigma follows s / sqrt(ivar) pixel by pixel, also next to the step, where a formula that
+    assumes the pixel's own noise level all around is 12 % high; masked pixels get no noise."""
+    n = 2048
+    sig = torch.full((1, 1, S, S), 0.05)
+    sig[..., S // 2:] = 0.2  # right half four times as noisy
+    x = sig * torch.randn(n, 1, S, S, generator=gen(30))
+    ivar = (1.0 / sig**2).expand(n, 1, S, S).clone()
+    ivar[..., 10:14, :] = 0.0  # a masked stripe (no data, no noise in the input)
+    x[..., 10:14, :] = 0.0
+    # an extra blur of sigma 0.8 px keeps ~1/5 of the input variance: neighbours across the step matter
+    y = Reobserve([4.5], None, seeing_factor=(1.1, 1.1), noise_factor=(1.2, 1.2))(x, gen(31), ivar=ivar)
+    ratio = y.std(0)[0] / (1.2 * sig[0, 0])
+    # 2048 samples: one pixel's std is good to ~1.6 %, a mean over 20 rows to ~0.4 %
+    torch.testing.assert_close(ratio[20:40], torch.ones(20, S), rtol=0, atol=0.07)
+    torch.testing.assert_close(ratio[20:40].mean(0), torch.ones(S), rtol=0, atol=0.02)
+    torch.testing.assert_close(ratio[14:17].mean(1), torch.ones(3), rtol=0, atol=0.02)  # next to the mask
+    # masked rows: only the blurred noise of their neighbours reaches them, none is added
+    assert float(y.std(0)[0, 11:13].max()) < 0.5 * 1.2 * 0.2
+
+
 def test_per_survey_tables_and_errors():
     x, ivar = white_noise(n=6)
     survey = torch.tensor([0, 1, 0, 1, 1, 0])
-    aug = Reobserve([FWHM, [3.0, 3.0, 3.0]], [R, [3.2, 2.2, 1.6]], seeing_factor=(1.2, 1.3))
+    tables = ([FWHM, [3.0, 3.0, 3.0]], [R, [3.2, 2.2, 1.6]])
+    aug = Reobserve(*tables, seeing_factor=(1.2, 1.3))
     y = Compose([aug])(x, gen(7), ivar=ivar, survey=survey)
-    assert y.shape == x.shape and torch.isfinite(y).all()
+    for row in (0, 1):  # each sample as its own survey's single-row Reobserve makes it (same draws)
+        ref = Reobserve(tables[0][row], tables[1][row], seeing_factor=(1.2, 1.3))(x, gen(7), ivar=ivar)
+        # the table pads for its widest row: edge pixels differ by < 4e-4 of the noise sigma
+        torch.testing.assert_close(y[survey == row], ref[survey == row], rtol=0, atol=2e-5)
     with pytest.raises(Sim2ObsValueError, match="pass survey="):
         aug(x, gen(7), ivar=ivar)
     with pytest.raises(Sim2ObsValueError, match="inverse variance"):

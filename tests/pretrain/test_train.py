@@ -92,13 +92,20 @@ def test_multi_survey_augmentations_use_each_surveys_values(synthetic_folders, m
     """HSC + LSST: reddening uses each survey's own filter curves and worse seeing each survey's
     own PSF FWHM in its own pixels, selected per sample by the batch's survey indices."""
     from sim2obs.data.dataset import ShardDataset
+    from sim2obs.data.shards import read_shard, write_shard
     from sim2obs.forward_models.surveys import get_survey
     from sim2obs.pretrain.augment import GalacticReddening, PSFDegrade, extinction_coefficients
     from sim2obs.pretrain.reobserve import Reobserve
     from sim2obs.pretrain.train import PairDataset, build_augment, survey_names
 
     bands = ("g", "r", "i")
-    lsst_wide = make_shards(tmp_path / "lsst", n=96, survey="lsst", bands=bands, seed=2)
+    made = make_shards(tmp_path / "made", n=96, survey="lsst", bands=bands, seed=2)
+    lsst_wide = tmp_path / "lsst"
+    lsst_wide.mkdir()
+    for path in sorted(made.glob("*.h5")):  # LSST-like seeing: 0.9 arcsec instead of 0.7
+        shard = read_shard(path)
+        labels = {**shard.labels, **{f"psf_fwhm_{b}": np.full(len(shard.labels["object_id"]), 0.9) for b in bands}}
+        write_shard(lsst_wide / path.name, dataclasses_replace(shard, labels=labels))
     ds = ShardDataset([synthetic_folders[0], lsst_wide], bands=bands)
     assert survey_names(ds) == ("hsc", "lsst")
     reobserve = build_augment(PretrainConfig(bands=bands, **TINY), ds).transforms[0]
@@ -112,8 +119,8 @@ def test_multi_survey_augmentations_use_each_surveys_values(synthetic_folders, m
     assert not np.allclose(red.extinction_coeffs[0], red.extinction_coeffs[1])
     psf = next(t for t in physical if isinstance(t, PSFDegrade))
     torch.testing.assert_close(reobserve.psf.fwhm_in_pix, psf.fwhm_in_pix)
-    # the synthetic shards record 0.7 arcsec seeing at 0.168 arcsec per pixel for both surveys
-    np.testing.assert_allclose(psf.fwhm_in_pix.numpy(), np.full((2, 3), 0.7 / 0.168), rtol=1e-6)
+    # 0.7 and 0.9 arcsec seeing at 0.168 arcsec per pixel, rows in survey order
+    np.testing.assert_allclose(psf.fwhm_in_pix.numpy(), np.array([[0.7] * 3, [0.9] * 3]) / 0.168, rtol=1e-6)
     pairs = PairDataset(ds, cross_survey=True, seed=0)
     a, b = pairs.__getitems__([0, len(ds) - 1])
     expect_a = [survey_names(ds).index(ds.surveys[ds.file_of[i]]) for i in (0, len(ds) - 1)]
@@ -121,6 +128,23 @@ def test_multi_survey_augmentations_use_each_surveys_values(synthetic_folders, m
     # one survey: plain (B,) vectors, as before per-survey tables existed
     one = build_augment(PretrainConfig(bands=bands, **TINY), ShardDataset([lsst_wide], bands=bands))
     assert one.transforms[0].reddening.extinction_coeffs.ndim == 1
+    # a survey sim2obs does not know, without PSF labels (ingested real data): the others' median
+    real = tmp_path / "real"
+    real.mkdir()
+    for path in sorted(made.glob("*.h5")):
+        shard = read_shard(path)
+        labels = {k: v for k, v in shard.labels.items() if not k.startswith("psf_fwhm")}
+        attrs = dataclasses_replace(shard.attrs, survey="my-telescope")
+        write_shard(real / path.name, dataclasses_replace(shard, labels=labels, attrs=attrs))
+    messages = []
+    mixed = build_augment(PretrainConfig(bands=bands, **TINY),
+                          ShardDataset([synthetic_folders[0], lsst_wide, real], bands=bands), messages.append)
+    reob = mixed.transforms[0]
+    np.testing.assert_allclose(reob.psf.fwhm_in_pix[2].numpy(), np.full(3, 0.8 / 0.168), rtol=1e-6)
+    np.testing.assert_allclose(reob.reddening.extinction_coeffs[2].numpy(),
+                               np.median(reob.reddening.extinction_coeffs[:2].numpy(), axis=0), rtol=1e-6)
+    assert any("my-telescope" in m and "PSF FWHM" in m for m in messages)
+    assert any("my-telescope" in m and "extinction" in m for m in messages)
 
 
 def test_zero_masked_run_hides_masked_pixels(synthetic_folders, tmp_path):
