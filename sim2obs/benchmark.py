@@ -265,15 +265,14 @@ def run_benchmark(out: str | Path, seeds: int = 3, methods=None, quick: bool = F
         pre = out / ("pretrain" if seed == 0 else f"pretrain_seed{seed}")
         cfg = PretrainConfig(epochs=sizes.pretrain_epochs, batch_size=128 if not quick else 32,
                              cross_survey=False, seed=seed, augment=protocol["pretrain_augment"])
-        if (pre / CHECKPOINT).exists():
-            used = load_checkpoint(pre)["config"].get("augment")
-            if used != cfg.augment:
-                raise Sim2ObsValueError(
-                    f"'{pre}' was pretrained with --augment {used}, this call asks for "
-                    f"{cfg.augment}; use a fresh --out (the runs adapted from that encoder are "
-                    "there too)"
-                )
-        done = (pre / CHECKPOINT).exists() and load_checkpoint(pre)["epoch"] + 1 >= cfg.epochs
+        ckpt = load_checkpoint(pre) if (pre / CHECKPOINT).exists() else None
+        if ckpt is not None and ckpt["config"].get("augment") != cfg.augment:
+            raise Sim2ObsValueError(
+                f"'{pre}' was pretrained with --augment {ckpt['config'].get('augment')}, this call "
+                f"asks for {cfg.augment}; use a fresh --out (the runs adapted from that encoder "
+                "are there too)"
+            )
+        done = ckpt is not None and ckpt["epoch"] + 1 >= cfg.epochs
         if not done:
             log(f"pretrain SimCLR (seed {seed}) on source + target_train images ({cfg.epochs} epochs)")
             pretrain([data["source"], data["target_train"]], pre, cfg, device=device,

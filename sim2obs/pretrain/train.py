@@ -245,8 +245,8 @@ class PairDataset(torch.utils.data.Dataset):
         names = survey_names(base)
         #: per item: row of its survey in ``survey_names(base)`` (the augmentations' tables)
         self.survey_of = np.array([names.index(s) for s in base.surveys], dtype=np.int64)[base.file_of]
-        if cross_survey and len(set(base.surveys)) > 1:
-            surveys = np.array([base.surveys[f] for f in base.file_of])
+        if cross_survey and len(names) > 1:
+            surveys = self.survey_of
             order = np.argsort(base.object_id, kind="stable")
             ids = base.object_id[order]
             starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
@@ -403,11 +403,12 @@ def build_augment(config: PretrainConfig, dataset: ShardDataset,
     of the other surveys' rows, and ``log`` says so; with no survey knowing them the effect is
     left out.
 
-    Only exact or flux- and noise-preserving resamplings are in it. ``RandomRotation`` and
-    ``RandomCropResize`` (bilinear) and ``RedshiftDimming`` are in the Python API only: they
-    lower the pixel noise of the image they act on (bilinear rotation and a 0.85 zoom leave about
-    half the survey's noise sigma), so after the noise re-realisation they would train on views
-    deeper than the data.
+    Only exact or flux- and noise-preserving resamplings are in it. ``RandomRotation`` (outside
+    ``reobserve-rotate``, which tops the noise up), ``RandomCropResize`` (bilinear) and
+    ``RedshiftDimming`` are in the Python API only: they lower the pixel noise of the image they
+    act on (bilinear rotation and a 0.85 zoom leave about half the survey's noise sigma), so they
+    would train on views deeper than the data; a zoom would also teach invariance to apparent
+    size, which carries redshift and mass.
     """
     from sim2obs.pretrain import augment as A
 
