@@ -202,7 +202,8 @@ def _add_pretrain(sub) -> None:
         description=(
             "Train an encoder with SimCLR or VICReg on mock shards. With several folders of "
             "different surveys, the same simulated galaxy seen by two surveys is a positive pair. "
-            "Writes RUN/checkpoint.pt (every epoch), config.json and metrics.csv. Data-parallel: "
+            "Writes RUN/checkpoint.pt (every epoch), config.json and metrics.csv (the same rows "
+            "in metrics.jsonl). Data-parallel: "
             "torchrun --nproc_per_node 2 -m sim2obs pretrain ..."
         ),
     )
@@ -284,7 +285,7 @@ def _cmd_pretrain(args) -> int:
         raise _usage("give the run folder with --out RUN (or --resume RUN to continue one)")
     run = pretrain(args.folders, args.out, config, device=args.device, resume=bool(args.resume),
                    progress=not args.quiet, log=_log)
-    _log(f"run saved in {run} (checkpoint.pt, config.json, metrics.csv)")
+    _log(f"run saved in {run} (checkpoint.pt, config.json, metrics.csv, metrics.jsonl)")
     return 0
 
 

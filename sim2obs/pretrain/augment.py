@@ -55,7 +55,7 @@ FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 __all__ = [
     "Augmentation", "Compose", "RandomRot90Flip", "RandomRotation", "RandomShift",
     "RandomCropResize", "PSFDegrade", "NoiseResample", "GalacticReddening", "RedshiftDimming",
-    "extinction_coefficients",
+    "extinction_coefficients", "gaussian_kernel", "toeplitz", "toeplitz_row_power",
 ]
 
 
@@ -78,6 +78,62 @@ def _randint(high: int, shape: tuple[int, ...], generator: torch.Generator | Non
              device: torch.device) -> Tensor:
     r = torch.randint(high, shape, generator=generator, device=_gen_device(generator, device))
     return r.to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Separable linear maps of a stamp: M_y X M_x^T with Toeplitz matrices of a periodic kernel
+# --------------------------------------------------------------------------------------------
+
+def gaussian_kernel(sigma: Tensor, n_pad: int, shift: Tensor | None = None) -> Tensor:
+    """Periodic 1-D kernels (N, B, n_pad) of the transfer functions ``exp(-2 pi^2 sigma^2 k^2)
+    exp(-2 pi i k d)`` (k in cycles per pixel): a Gaussian blur of ``sigma`` (N, B) pixels,
+    followed by a band-limited shift of ``d = shift`` (N,) pixels when given (content moves to
+    +d; the sign convention of :class:`RandomShift`). Sums to 1 (the transfer is 1 at k = 0).
+    On the Nyquist frequency of an even ``n_pad`` ``irfft`` keeps the real part of the phase,
+    ``cos(pi d)``: the Hermitian part, so the kernel is real."""
+    freq = torch.fft.rfftfreq(n_pad, device=sigma.device, dtype=sigma.dtype)
+    gain = torch.exp((-2.0 * math.pi**2) * sigma.square()[..., None] * freq**2)
+    if shift is None:
+        return torch.fft.irfft(gain, n=n_pad)
+    angle = (-2.0 * math.pi) * shift.to(sigma.dtype)[:, None, None] * freq
+    return torch.fft.irfft(torch.polar(gain, angle.expand_as(gain)), n=n_pad)
+
+
+_TOEPLITZ_INDEX: dict[tuple, Tensor] = {}  # (n, n_pad, device) -> (2n - 1,) gather index
+
+
+def _toeplitz_index(n: int, n_pad: int, device: torch.device) -> Tensor:
+    """r[t] = k[(n - 1 - t) mod n_pad], t < 2n - 1: every value a Toeplitz matrix of the periodic
+    kernel k needs, in the order that ``unfold`` windows read them."""
+    key = (n, n_pad, str(device))
+    index = _TOEPLITZ_INDEX.get(key)
+    if index is None:
+        index = _TOEPLITZ_INDEX[key] = (n - 1 - torch.arange(2 * n - 1, device=device)) % n_pad
+    return index
+
+
+def toeplitz(kernel: Tensor, n: int) -> Tensor:
+    """(..., n, n) matrices ``M[i, j] = k[(i - j) mod n_pad]`` of periodic kernels ``k``
+    (..., n_pad), n_pad >= n: the 1-D convolution of an n-pixel axis zero-padded to n_pad and
+    cropped back, as a matrix. For a kernel from a separable transfer function ``T(k_y) T(k_x)``,
+    ``M_y X M_x^T`` is the same linear map as multiplying the 2-D FFT of the zero-padded stamp by
+    it and cropping: flux that leaves the stamp is lost, none wraps around (as long as the kernel
+    has decayed within ``n_pad - n`` pixels; a band-limited shift's sinc tail does not, and its
+    remainder wraps through the padding as in a periodic FFT shift)."""
+    index = _toeplitz_index(n, kernel.shape[-1], kernel.device)
+    # windows w[a, j] = r[a + j] = k[(n - 1 - a - j) mod n_pad]; M[i, j] = w[n - 1 - i, j]
+    return kernel[..., index].unfold(-1, n, 1).flip(-2)
+
+
+def toeplitz_row_power(kernel: Tensor, n: int) -> Tensor:
+    """(..., n) sums of squares of the rows of :func:`toeplitz(kernel, n) <toeplitz>`, without
+    building the matrices: ``sum_j M[i, j]^2``, the fraction of white input noise variance that
+    output pixel i keeps (windowed sums of k^2 from a float64 cumulative sum)."""
+    r = kernel[..., _toeplitz_index(n, kernel.shape[-1], kernel.device)].double().square()
+    c = F.pad(torch.cumsum(r, dim=-1), (1, 0))  # c[m] = sum_{t < m} r[t]
+    i = torch.arange(n, device=kernel.device)
+    # row i of M holds r[n - 1 - i + j], j < n: the window [n - 1 - i, 2n - 1 - i)
+    return (c[..., 2 * n - 1 - i] - c[..., n - 1 - i]).to(kernel.dtype)
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
@@ -450,7 +506,7 @@ class PSFDegrade(Augmentation):
     function is 1 at k = 0, so flux is conserved. The transfer function is separable in k_y and
     k_x, so the same linear map is applied as two batched matrix products ``M_y X M_x^T`` with
     Toeplitz matrices built from its 1-D periodic kernel (cheaper than 2-D FFTs of the padded
-    stamps; see ``_blur_matrices``). For non-Gaussian PSFs (Moffat, Kolmogorov) the
+    stamps; see :func:`toeplitz`). For non-Gaussian PSFs (Moffat, Kolmogorov) the
     FWHM of the result is close to, not exactly, ``f * fwhm_in``. Noise is smoothed too (its
     amplitude drops and it becomes correlated): follow with :class:`NoiseResample` to restore a
     noise level if needed.
@@ -477,7 +533,6 @@ class PSFDegrade(Augmentation):
         self.min_factor, self.max_factor = float(min_factor), float(max_factor)
         self.per_band = bool(per_band)
         self._pad_cache: int | None = None  # from fwhm_in_pix (no device sync per call)
-        self._toeplitz_index: dict[tuple, Tensor] = {}  # (n, n_pad, device) -> (2n-1,) index
         self.register_load_state_dict_post_hook(_reset_pad_cache)
 
     @classmethod
@@ -515,25 +570,11 @@ class PSFDegrade(Augmentation):
         """``(M_y (N, B, h, h), M_x (N, B, w, w))``: the blur of an (h, w) stamp by Gaussians of
         ``sigma`` (N, B) is ``M_y X M_x^T``."""
         pad = self._pad()
-        c = (-2.0 * math.pi**2) * sigma**2  # (N, B): transfer exp(c |k|^2)
-        m_y = self._blur_matrices(c, h, h + pad)
-        m_x = m_y if (w, w + pad) == (h, h + pad) else self._blur_matrices(c, w, w + pad)
+        k_y = gaussian_kernel(sigma, h + pad)
+        k_x = k_y if w == h else gaussian_kernel(sigma, w + pad)
+        m_y = toeplitz(k_y, h)
+        m_x = m_y if w == h else toeplitz(k_x, w)
         return m_y, m_x
-
-    def _blur_matrices(self, c: Tensor, n: int, n_pad: int) -> Tensor:
-        """(N, B, n, n) matrices M[i, j] = k[(i - j) mod n_pad]: the 1-D Gaussian blur of an
-        n-pixel axis zero-padded to n_pad, with k = irfft(exp(c k^2)) the periodic kernel of
-        the transfer function (k in cycles per pixel). Since exp(c (k_y^2 + k_x^2)) is separable,
-        M_y X M_x^T is the same linear map as multiplying the 2-D FFT of the zero-padded stamp by
-        it and cropping back: flux that leaves the stamp is lost, none wraps around."""
-        freq = torch.fft.rfftfreq(n_pad, device=c.device, dtype=c.dtype)
-        kernel = torch.fft.irfft(torch.exp(c[:, :, None] * freq**2), n=n_pad)  # (N, B, n_pad)
-        key = (n, n_pad, c.device)
-        index = self._toeplitz_index.get(key)
-        if index is None:  # r[t] = k[(n - 1 - t) mod n_pad], t < 2n - 1
-            index = self._toeplitz_index[key] = (n - 1 - torch.arange(2 * n - 1, device=c.device)) % n_pad
-        # windows w[a, j] = r[a + j] = k[(n - 1 - a - j) mod n_pad]; M[i, j] = w[n - 1 - i, j]
-        return kernel[:, :, index].unfold(-1, n, 1).flip(-2)
 
     def _pad(self) -> int:
         """Zero padding (pixels) that holds 4 sigma of the widest extra Gaussian."""
@@ -547,11 +588,8 @@ class PSFDegrade(Augmentation):
                 f"factor=U({self.min_factor}, {self.max_factor}), per_band={self.per_band}")
 
 
-def noise_sigma(ivar, x: Tensor, name: str) -> Tensor:
-    """Pixel noise sigma ``1 / sqrt(ivar)`` in ``x``'s working dtype, on ivar's own shape (a
-    per-band ivar stays small; it must broadcast to ``x``), 0 where ivar <= 0 or is NaN (no data:
-    no noise is added there)."""
-    ivar = torch.as_tensor(ivar, device=x.device).to(_work_dtype(x))
+def check_ivar_shape(ivar: Tensor, x: Tensor, name: str) -> None:
+    """Refuse an ivar that does not broadcast to the batch ``x`` (naming the transform)."""
     try:
         fits = torch.broadcast_shapes(ivar.shape, x.shape) == x.shape
     except RuntimeError:
@@ -560,6 +598,14 @@ def noise_sigma(ivar, x: Tensor, name: str) -> Tensor:
         raise Sim2ObsValueError(
             f"{name}: ivar of shape {tuple(ivar.shape)} does not broadcast to the batch {tuple(x.shape)}"
         )
+
+
+def noise_sigma(ivar, x: Tensor, name: str) -> Tensor:
+    """Pixel noise sigma ``1 / sqrt(ivar)`` in ``x``'s working dtype, on ivar's own shape (a
+    per-band ivar stays small; it must broadcast to ``x``), 0 where ivar <= 0 or is NaN (no data:
+    no noise is added there)."""
+    ivar = torch.as_tensor(ivar, device=x.device).to(_work_dtype(x))
+    check_ivar_shape(ivar, x, name)
     return torch.rsqrt(ivar).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # rsqrt: inf/nan at <= 0
 
 

@@ -16,6 +16,7 @@ arbitrary rotations usable for training (``pretrain --augment reobserve-rotate``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -32,20 +33,28 @@ from sim2obs.pretrain.augment import (
     _check_batch,
     _like,
     _randn,
+    _uniform,
     _work_dtype,
+    check_ivar_shape,
+    gaussian_kernel,
     noise_sigma,
+    toeplitz,
+    toeplitz_row_power,
 )
 
 __all__ = ["Reobserve", "bilinear_kept_variance"]
 
 
-def _varies(sigma: Tensor, h: int, w: int) -> bool:
-    """Whether a noise map (ivar's shape) changes within a stamp band (masks, Poisson noise of
-    bright sources, coadd depth steps) rather than being one value per stamp band."""
-    if sigma.ndim < 2 or sigma.shape[-2:] != (h, w):
-        return False
-    flat = sigma.flatten(-2)
-    return bool((flat.amax(-1) != flat.amin(-1)).any())
+def _per_stamp_band(ivar: Tensor) -> tuple[Tensor, bool]:
+    """``(ivar, varies)``: an ivar map that holds one value per stamp band reduced to (..., 1, 1)
+    (one 1/sqrt per stamp band instead of per pixel), and whether it changes within a stamp band
+    (masks, Poisson noise of bright sources, coadd depth steps; NaN counts as a change)."""
+    if ivar.ndim < 2 or ivar.shape[-2:] == (1, 1):
+        return ivar, False
+    flat = ivar.flatten(-2)
+    if bool((flat.amax(-1) == flat.amin(-1)).all()):
+        return ivar[..., :1, :1], False
+    return ivar, True
 
 
 def _reflect(u: Tensor, size: int) -> Tensor:
@@ -102,12 +111,18 @@ class Reobserve(Augmentation):
     band, as :class:`~sim2obs.pretrain.augment.PSFDegrade`; skipped without ``fwhm_in_pix``),
     ``E(B-V) ~ U(0, ebv_max)`` (band factors ``d_b = 10^(-0.4 R_b E(B-V))``, as
     :class:`~sim2obs.pretrain.augment.GalacticReddening`; skipped without
-    ``extinction_coeffs``), then one N(0, 1) field ``eps``:
+    ``extinction_coeffs``), a sub-pixel shift ``(dx, dy) ~ U(-max_shift, max_shift)^2`` (with
+    ``max_shift > 0``), then one N(0, 1) field ``eps``:
 
         y = d_b (K x) + sqrt(max(s^2 - d_b^2 v_K, 0) / ivar) eps
 
-    ``K x = M_y X M_x^T`` is the blur (zero-padded, flux-conserving) and ``v_K`` at each pixel
-    the sum of its squared weights: the fraction of the input's white-noise variance ``1/ivar``
+    ``K x = M_y X M_x^T`` is the blur and the shift in one separable linear map: Toeplitz
+    matrices of the 1-D kernels of the transfer function ``exp(-2 pi^2 sigma^2 k^2 - 2 pi i k
+    d)`` on the stamp zero-padded by 4 sigma + max_shift (flux-conserving;
+    :func:`~sim2obs.pretrain.augment.toeplitz`) -- the band-limited shift of
+    :class:`~sim2obs.pretrain.augment.RandomShift` without its separate FFTs, and the noise its
+    interpolation smooths (a half-pixel shift keeps less variance near the stamp's edges) is
+    topped up with the rest. ``v_K`` at each pixel is the sum of its squared weights: the fraction of the input's white-noise variance ``1/ivar``
     that the blur and the dimming leave there is ``d_b^2 v_K``, so the output's noise variance is
     ``s^2 / ivar`` at every pixel -- the same depth as the data for ``s = 1``, ``s^2`` times
     shallower otherwise -- and ``ivar / s^2`` is its inverse variance. Where ivar varies within a
@@ -140,8 +155,11 @@ class Reobserve(Augmentation):
                  extinction_coeffs: Sequence | Tensor | None = None,
                  seeing_factor: tuple[float, float] = (1.0, 1.3), ebv_max: float = 0.05,
                  noise_factor: tuple[float, float] = (1.0, 1.5), ivar: Tensor | float | None = None,
-                 rotate: bool = False) -> None:
+                 rotate: bool = False, max_shift: float = 0.0) -> None:
         super().__init__()
+        if not (math.isfinite(max_shift) and max_shift >= 0):
+            raise Sim2ObsValueError(f"Reobserve: max_shift must be >= 0 pixels, got {max_shift}")
+        self.max_shift = float(max_shift)
         self.rotation = RandomRotation(180.0, padding_mode="zeros") if rotate else None
         self.geometric = bool(rotate)
         lo, hi = (float(v) for v in seeing_factor)
@@ -169,36 +187,54 @@ class Reobserve(Augmentation):
                     f"Reobserve: {name} has values for {width} bands but the batch has {b} bands"
                 )
         wd = _work_dtype(x)
+        ivar = torch.as_tensor(ivar, device=x.device)
+        check_ivar_shape(ivar, x, "Reobserve")
+        ivar, varies = _per_stamp_band(ivar)
         sigma_in = noise_sigma(ivar, x, "Reobserve")
         y = x.to(wd)
         if self.rotation is not None:
             y, sigma_in = self._rotate(y, sigma_in, generator)
-        s2 = self.noise.draw_factor(n, b, generator, x.device, wd) ** 2  # (N, 1) or (N, B)
-        kept = torch.ones((), dtype=wd, device=x.device)  # fraction of the noise variance left
-        kept_var = None  # or: the variance left, where the input's noise map is not uniform
-        if self.psf is not None:
-            sigma = self.psf.draw_sigma(n, generator, x.device, wd, survey)
-            m_y, m_x = self.psf.blur_matrices(sigma, h, w)
-            with torch.autocast(x.device.type, enabled=False):
+        s2 = self.noise.draw_factor(n, b, generator, x.device, wd).square()[:, :, None, None]
+        blur = None if self.psf is None else self.psf.draw_sigma(n, generator, x.device, wd, survey)
+        dust = (None if self.reddening is None
+                else self.reddening.draw_factor(n, generator, x.device, wd, survey))  # (N, B)
+        shift = (None if self.max_shift == 0.0
+                 else _uniform((n, 2), -self.max_shift, self.max_shift, generator, x.device).to(wd))
+        with torch.autocast(x.device.type, enabled=False):  # keep wd under a caller's autocast
+            if blur is None and shift is None:  # no resampling: every pixel keeps d_b^2 of its noise
+                v_y = torch.ones((1, 1, h), dtype=wd, device=x.device)
+                v_x = (torch.ones((1, 1, w), dtype=wd, device=x.device) if dust is None
+                       else dust.square()[:, :, None].expand(n, b, w))
+                if dust is not None:
+                    y = y * dust[:, :, None, None]
+                m_y = m_x = None
+            else:
+                pad = (0 if self.psf is None else self.psf._pad()) + math.ceil(self.max_shift)
+                sig = torch.zeros((n, b), dtype=wd, device=x.device) if blur is None else blur
+                k_y = gaussian_kernel(sig, h + pad, None if shift is None else shift[:, 1])
+                k_x = gaussian_kernel(sig, w + pad, None if shift is None else shift[:, 0])
+                if dust is not None:  # the dust's dimming, folded into the x kernel
+                    k_x = k_x * dust[:, :, None]
+                m_y, m_x = toeplitz(k_y, h), toeplitz(k_x, w)
                 y = torch.matmul(torch.matmul(m_y, y), m_x.transpose(-1, -2))
-                s_y, s_x = m_y.square(), m_x.square()
-                if _varies(sigma_in, h, w):
-                    # independent noise of variance V through M_y X M_x^T: (M_y o M_y) V (M_x o M_x)^T
-                    var_in = sigma_in.square().expand(n, b, h, w)
-                    kept_var = torch.matmul(torch.matmul(s_y, var_in), s_x.transpose(-1, -2))
-                else:  # V uniform per stamp band: V sum_j M_y[i,j]^2 sum_k M_x[l,k]^2
-                    kept = s_y.sum(-1)[..., :, None] * s_x.sum(-1)[..., None, :]
-        if self.reddening is not None:
-            d = self.reddening.draw_factor(n, generator, x.device, wd, survey)[:, :, None, None]
-            y = y * d
-            kept = kept * d.square()
-        eps = _randn(tuple(x.shape), generator, x.device, wd)
-        if kept_var is None:
-            deficit = (s2[:, :, None, None] - kept).clamp_(min=0.0)
-            eps.mul_(deficit.sqrt_() * sigma_in)
-        else:  # target s^2 / ivar at each pixel minus what the blur and dust left there
-            eps.mul_((s2[:, :, None, None] * sigma_in.square() - kept * kept_var).clamp_(min=0.0).sqrt_())
-        return _like(eps.add_(y), x)
+                v_y, v_x = toeplitz_row_power(k_y, h), toeplitz_row_power(k_x, w)  # (N, B, h|w)
+            eps = _randn(tuple(x.shape), generator, x.device, wd)
+            if not varies:
+                # sigma_out^2 = s^2 sigma^2 - sigma^2 v_y[i] v_x[l]: one batched outer product
+                var = sigma_in.expand(n, b, 1, 1).square()
+                std = torch.baddbmm((s2 * var).reshape(n * b, 1, 1),
+                                    (var[..., 0] * v_y.expand(n, b, h)).reshape(n * b, h, 1),
+                                    v_x.expand(n, b, w).reshape(n * b, 1, w), alpha=-1.0)
+                std = std.clamp_(min=0.0).sqrt_().view(n, b, h, w)
+            else:  # independent noise of variance V through M_y X M_x^T: (M_y o M_y) V (M_x o M_x)^T
+                var_in = sigma_in.square().expand(n, b, h, w)
+                if m_y is None:
+                    kept_var = var_in * v_x[:, :, None, :]
+                else:
+                    kept_var = torch.matmul(torch.matmul(m_y.square(), var_in), m_x.square().transpose(-1, -2))
+                std = (s2 * var_in - kept_var).clamp_(min=0.0).sqrt_()
+            out = y.addcmul_(eps, std) if y is not x else torch.addcmul(y, eps, std)
+        return _like(out, x)
 
     def _rotate(self, y: Tensor, sigma_in: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """Rotated stamps with their noise topped up to ``sigma_in`` (rotated with them)."""
@@ -216,4 +252,5 @@ class Reobserve(Augmentation):
         return eps.mul_((1.0 - kept).clamp_(min=0.0).sqrt_() * sigma_in).add_(y), sigma_in
 
     def extra_repr(self) -> str:
-        return f"noise_factor={self.noise.factor_range}, rotate={self.rotation is not None}"
+        return (f"noise_factor={self.noise.factor_range}, rotate={self.rotation is not None}, "
+                f"max_shift={self.max_shift}")

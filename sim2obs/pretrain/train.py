@@ -389,8 +389,10 @@ def build_augment(config: PretrainConfig, dataset: ShardDataset,
     depth) before geometric ones (dihedral symmetries, sub-pixel shifts).
 
     ``reobserve`` (the default) re-observes each galaxy with
-    :class:`~sim2obs.pretrain.reobserve.Reobserve`: the view's pixel noise is 1-1.5x the data's
-    whatever the extra blur and dust. ``physical`` is the earlier chain -- noise re-realisation,
+    :class:`~sim2obs.pretrain.reobserve.Reobserve` -- worse seeing, dust, a sub-pixel shift of up
+    to 1 px in one pair of matrix products, then one noise field -- and flips it: the view's
+    pixel noise is 1-1.5x the data's whatever the extra blur, shift and dust (sim2obs < 0.2
+    shifted after the noise, with a separate FFT: the same views in distribution, other draws). ``physical`` is the earlier chain -- noise re-realisation,
     then blur and dimming that smooth that noise to about 0.35x the data's sigma (median, HSC):
     views deeper than the data -- kept so that runs made with it (benchmark protocol v3) resume
     and reproduce. ``reobserve-rotate`` adds an arbitrary position angle (bilinear, noise topped
@@ -426,8 +428,11 @@ def build_augment(config: PretrainConfig, dataset: ShardDataset,
         from sim2obs.pretrain.reobserve import Reobserve
 
         rotate = config.augment == "reobserve-rotate"
+        # the sub-pixel shift is folded into Reobserve's blur (one pair of matrix products, and
+        # the noise it would smooth is topped up with the rest); the dihedral flips follow
         return A.Compose([Reobserve(fwhm, coeffs, seeing_factor=(1.0, 1.3), ebv_max=0.05,
-                                    noise_factor=(1.0, 1.5), rotate=rotate)] + geometric)
+                                    noise_factor=(1.0, 1.5), rotate=rotate, max_shift=1.0),
+                          A.RandomRot90Flip()])
     physical: list = [A.NoiseResample(factor_range=(1.0, 1.5))]  # 'physical'
     if fwhm is not None:
         physical.append(A.PSFDegrade(fwhm, max_factor=1.3))
@@ -510,6 +515,11 @@ def prepare_views(a: dict, b: dict, augment, normalizer: Normalizer, generator, 
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
     return x[:n], x[n:]
+
+
+def _json_number(v):
+    """A metric for JSON: non-finite floats (no validation set: NaN) become null."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def _collate(batch):
@@ -603,7 +613,8 @@ def pretrain(
     stop_after_epoch: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Path:
-    """Train and return the run folder (``checkpoint.pt``, ``config.json``, ``metrics.csv``).
+    """Train and return the run folder (``checkpoint.pt``, ``config.json``, ``metrics.csv`` and
+    the same rows as ``metrics.jsonl``).
 
     ``stop_after_epoch=k`` ends the call after epoch k's checkpoint (a time-limited cluster job);
     ``resume=True`` continues to ``config.epochs``. ``max_steps_per_epoch`` caps the steps per
@@ -628,6 +639,11 @@ def pretrain(
                              if getattr(saved, f.name) != getattr(config, f.name))
             log(f"resuming with the run's saved configuration (config.json): {diff}")
         config = saved  # the run's own config wins: resuming must reproduce the same run
+        started = ckpt.get("sim2obs_version")
+        if started and started != __version__ and log and dist_info.main:
+            log(f"this run was started with sim2obs {started} and continues with {__version__}: "
+                "the epochs from here use this version's code (its augmentations may draw other "
+                "numbers), so the result can differ from an uninterrupted run under one version")
     elif (out / CHECKPOINT).exists():
         raise Sim2ObsValueError(
             f"'{out}' already holds a run; use --resume to continue it or choose another --out"
@@ -736,18 +752,24 @@ def pretrain(
              "bands": list(train_ds.bands), "normalizer": normalizer.to_dict(),
              "encoder_config": encoder.config(), "sim2obs_version": __version__,
              "world_size": dist_info.world, "device": str(dev)}, indent=2))
-    metrics_path = out / "metrics.csv"
+    metrics_path, jsonl_path = out / "metrics.csv", out / "metrics.jsonl"
     fields = ["epoch", "steps", "train_loss", "val_loss", "lr", "embedding_std",
               "effective_rank", "seconds", "samples_per_s"]
     if dist_info.main:
-        rows = []
+        # a resumed run keeps the rows of the epochs its checkpoint holds (a crash after a row
+        # was written but before the checkpoint leaves one row too many: it is dropped here)
+        rows, records = [], []
         if ckpt is not None and metrics_path.exists():
             with metrics_path.open() as fh:
                 rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) < start_epoch]
+        if ckpt is not None and jsonl_path.exists():
+            records = [line for line in jsonl_path.read_text().splitlines()
+                       if line.strip() and json.loads(line)["epoch"] < start_epoch]
         with metrics_path.open("w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=fields)
             w.writeheader()
             w.writerows(rows)
+        jsonl_path.write_text("".join(line + "\n" for line in records))
 
     def step_loss(a, b, gen):
         if isinstance(a, dict):  # raw pairs: augment and normalise on the training device
@@ -812,6 +834,8 @@ def pretrain(
                    "samples_per_s": steps_per_epoch * world_batch / seconds}
             with metrics_path.open("a", newline="") as fh:
                 csv.DictWriter(fh, fieldnames=fields).writerow(row)
+            with jsonl_path.open("a") as fh:  # the same row as JSON Lines (NaN as null)
+                fh.write(json.dumps({k: _json_number(v) for k, v in row.items()}) + "\n")
             save_checkpoint(out / CHECKPOINT, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "epoch": epoch, "config": config.to_dict(),

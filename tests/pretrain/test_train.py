@@ -1,6 +1,7 @@
 """Training loop: runs, resumes to identical weights, DDP matches single process, bad input."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -35,6 +36,12 @@ def test_run_writes_checkpoint_config_metrics(synthetic_folders, tmp_path):
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
     assert all(np.isfinite(float(r["train_loss"])) for r in rows)
+    # the same rows as JSON lines, with numbers as numbers
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    for row, rec in zip(rows, records, strict=True):
+        assert set(rec) == set(row)
+        assert rec["train_loss"] == pytest.approx(float(row["train_loss"]), rel=1e-12)
     enc, norm, _ = load_encoder(run)
     assert enc(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
 
@@ -51,6 +58,24 @@ def test_resume_gives_the_same_weights(synthetic_folders, tmp_path, method):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     rows = list(csv.DictReader((part / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
+    records = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+
+
+def test_resume_says_when_the_run_started_under_another_version(synthetic_folders, tmp_path):
+    """A checkpoint written by another sim2obs version resumes, and the log says the result may
+    differ from an uninterrupted run (the augmentations' code may have changed)."""
+    cfg = PretrainConfig(**TINY)
+    part = pretrain([synthetic_folders[0]], tmp_path / "part", cfg, progress=False, stop_after_epoch=1,
+                    max_steps_per_epoch=1)
+    ckpt = load_checkpoint(part)
+    ckpt["sim2obs_version"] = "0.0.1"
+    torch.save(ckpt, part / CHECKPOINT)
+    lines: list[str] = []
+    pretrain([synthetic_folders[0]], part, cfg, progress=False, resume=True, max_steps_per_epoch=1,
+             log=lines.append)
+    assert any("started with sim2obs 0.0.1" in line for line in lines), lines
+    assert load_checkpoint(part)["epoch"] == 1
 
 
 def test_resume_with_dropout_gives_the_same_weights(synthetic_folders, tmp_path):
