@@ -220,12 +220,10 @@ class Reobserve(Augmentation):
                 v_y, v_x = toeplitz_row_power(k_y, h), toeplitz_row_power(k_x, w)  # (N, B, h|w)
             eps = _randn(tuple(x.shape), generator, x.device, wd)
             if not varies:
-                # sigma_out^2 = s^2 sigma^2 - sigma^2 v_y[i] v_x[l]: one batched outer product
+                # sigma_out^2 = s^2 sigma^2 - sigma^2 v_y[i] v_x[l]: one broadcast pass
                 var = sigma_in.expand(n, b, 1, 1).square()
-                std = torch.baddbmm((s2 * var).reshape(n * b, 1, 1),
-                                    (var[..., 0] * v_y.expand(n, b, h)).reshape(n * b, h, 1),
-                                    v_x.expand(n, b, w).reshape(n * b, 1, w), alpha=-1.0)
-                std = std.clamp_(min=0.0).sqrt_().view(n, b, h, w)
+                std = torch.addcmul(s2 * var, (var[..., 0] * v_y)[..., :, None], v_x[..., None, :],
+                                    value=-1.0).clamp_(min=0.0).sqrt_()
             else:  # independent noise of variance V through M_y X M_x^T: (M_y o M_y) V (M_x o M_x)^T
                 var_in = sigma_in.square().expand(n, b, h, w)
                 if m_y is None:
