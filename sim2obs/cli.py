@@ -228,8 +228,8 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--augment", choices=("reobserve", "reobserve-rotate", "physical", "geometric", "none"),
                    default="reobserve",
                    help="reobserve (default): each view re-observed under worse seeing (x1-1.3), "
-                        "Galactic reddening (E(B-V) < 0.05) and 1-1.5x the data's pixel noise, then "
-                        "dihedral flips and sub-pixel shifts. reobserve-rotate: the same after a "
+                        "Galactic reddening (E(B-V) < 0.05), a sub-pixel shift (< 1 px) and 1-1.5x "
+                        "the data's pixel noise, then dihedral flips. reobserve-rotate: the same after a "
                         "random position angle (noise kept). physical: the earlier chain (noise "
                         "re-drawn, then blurred: views about 3x less noisy than the data), for "
                         "runs made with it. geometric: flips and shifts only. none")

@@ -84,6 +84,18 @@ def split_of(object_ids: np.ndarray, val_fraction: float, seed: int = 0) -> np.n
 _CHUNK_ELEMENTS = 65536
 
 
+def _chunk_samples(y) -> int | None:
+    """Samples per slice of the CPU stretch of a contiguous (N, ...) tensor -- about
+    ``_CHUNK_ELEMENTS`` elements and a multiple of 64 -- or None to stretch it in one pass."""
+    per = y[:1].numel()
+    if y.device.type != "cpu" or y.ndim < 4 or per == 0 or y.shape[0] < 2 or not y.is_contiguous():
+        return None
+    align = 64 // math.gcd(per, 64)
+    step = max(1, _CHUNK_ELEMENTS // per)
+    step = -(-step // align) * align
+    return step if step < y.shape[0] else None
+
+
 def _asinh_elementwise(y):
     """``asinh(y)`` of a float32/float64 tensor from vectorised elementwise kernels, several
     times faster than ``torch.asinh`` on CPU (which evaluates it one element at a time).
@@ -136,11 +148,13 @@ class Normalizer:
                 s = torch.as_tensor(self.scale_nmgy, dtype=images.dtype, device=images.device)
                 y = images / s.view(-1, 1, 1)
                 if y.dtype in (torch.float32, torch.float64) and not y.requires_grad:
-                    if y.device.type != "cpu" or y.ndim < 4 or y[:1].numel() > _CHUNK_ELEMENTS:
+                    step = _chunk_samples(y)
+                    if step is None:
                         return _asinh_elementwise(y)
-                    # on a CPU, in slices of samples whose temporaries stay in cache (the same
-                    # values, elementwise; ~15 % faster for a batch of 64x64 stamps)
-                    step = max(1, _CHUNK_ELEMENTS // y[:1].numel())
+                    # on a CPU, in slices of samples whose temporaries stay in cache (~15 % faster
+                    # for a batch of 64x64 stamps, up to 3x after large allocations); every slice
+                    # holds a multiple of 64 elements, so the vectorised kernels see the same
+                    # element boundaries as in one pass on one thread: the same values
                     for i in range(0, y.shape[0], step):
                         y[i:i + step] = _asinh_elementwise(y[i:i + step])
                     return y

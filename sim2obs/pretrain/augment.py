@@ -95,8 +95,17 @@ def gaussian_kernel(sigma: Tensor, n_pad: int, shift: Tensor | None = None) -> T
     gain = torch.exp((-2.0 * math.pi**2) * sigma.square()[..., None] * freq**2)
     if shift is None:
         return torch.fft.irfft(gain, n=n_pad)
-    angle = (-2.0 * math.pi) * shift.to(sigma.dtype)[:, None, None] * freq
-    return torch.fft.irfft(torch.polar(gain, angle.expand_as(gain)), n=n_pad)
+    if sigma.ndim != 2 or shift.shape != (sigma.shape[0],):
+        raise Sim2ObsValueError(
+            f"gaussian_kernel: a shift needs sigma (N, B) and shift (N,), got {tuple(sigma.shape)} "
+            f"and {tuple(shift.shape)}"
+        )
+    angle = ((-2.0 * math.pi) * shift.to(sigma.dtype)[:, None, None] * freq).expand_as(gain).clone()
+    if n_pad % 2 == 0:  # Nyquist bin: its real (Hermitian) part, set here rather than left to irfft
+        gain = gain.clone()
+        gain[..., -1] = gain[..., -1] * torch.cos(angle[..., -1])
+        angle[..., -1] = 0.0
+    return torch.fft.irfft(torch.polar(gain, angle), n=n_pad)
 
 
 _TOEPLITZ_INDEX: dict[tuple, Tensor] = {}  # (n, n_pad, device) -> (2n - 1,) gather index
@@ -120,6 +129,8 @@ def toeplitz(kernel: Tensor, n: int) -> Tensor:
     it and cropping: flux that leaves the stamp is lost, none wraps around (as long as the kernel
     has decayed within ``n_pad - n`` pixels; a band-limited shift's sinc tail does not, and its
     remainder wraps through the padding as in a periodic FFT shift)."""
+    if kernel.shape[-1] < n:
+        raise Sim2ObsValueError(f"toeplitz: a periodic kernel of {kernel.shape[-1]} < {n} pixels would wrap")
     index = _toeplitz_index(n, kernel.shape[-1], kernel.device)
     # windows w[a, j] = r[a + j] = k[(n - 1 - a - j) mod n_pad]; M[i, j] = w[n - 1 - i, j]
     return kernel[..., index].unfold(-1, n, 1).flip(-2)
@@ -128,8 +139,9 @@ def toeplitz(kernel: Tensor, n: int) -> Tensor:
 def toeplitz_row_power(kernel: Tensor, n: int) -> Tensor:
     """(..., n) sums of squares of the rows of :func:`toeplitz(kernel, n) <toeplitz>`, without
     building the matrices: ``sum_j M[i, j]^2``, the fraction of white input noise variance that
-    output pixel i keeps (windowed sums of k^2 from a float64 cumulative sum)."""
-    r = kernel[..., _toeplitz_index(n, kernel.shape[-1], kernel.device)].double().square()
+    output pixel i keeps (windowed sums of k^2 from a float64 cumulative sum; float32 on MPS)."""
+    exact = torch.float32 if kernel.device.type == "mps" else torch.float64  # MPS has no float64
+    r = kernel[..., _toeplitz_index(n, kernel.shape[-1], kernel.device)].to(exact).square()
     c = F.pad(torch.cumsum(r, dim=-1), (1, 0))  # c[m] = sum_{t < m} r[t]
     i = torch.arange(n, device=kernel.device)
     # row i of M holds r[n - 1 - i + j], j < n: the window [n - 1 - i, 2n - 1 - i)

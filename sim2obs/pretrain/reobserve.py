@@ -49,7 +49,9 @@ def _per_stamp_band(ivar: Tensor) -> tuple[Tensor, bool]:
     """``(ivar, varies)``: an ivar map that holds one value per stamp band reduced to (..., 1, 1)
     (one 1/sqrt per stamp band instead of per pixel), and whether it changes within a stamp band
     (masks, Poisson noise of bright sources, coadd depth steps; NaN counts as a change)."""
-    if ivar.ndim < 2 or ivar.shape[-2:] == (1, 1):
+    if ivar.ndim < 2:  # a scalar, or one value per column: (W,) -> (1, W)
+        ivar = ivar.reshape(1, -1) if ivar.ndim == 1 else ivar.reshape(1, 1)
+    if ivar.shape[-2:] == (1, 1):
         return ivar, False
     flat = ivar.flatten(-2)
     if bool((flat.amax(-1) == flat.amin(-1)).all()):
@@ -119,8 +121,9 @@ class Reobserve(Augmentation):
     ``K x = M_y X M_x^T`` is the blur and the shift in one separable linear map: Toeplitz
     matrices of the 1-D kernels of the transfer function ``exp(-2 pi^2 sigma^2 k^2 - 2 pi i k
     d)`` on the stamp zero-padded by 4 sigma + max_shift (flux-conserving;
-    :func:`~sim2obs.pretrain.augment.toeplitz`) -- the band-limited shift of
-    :class:`~sim2obs.pretrain.augment.RandomShift` without its separate FFTs, and the noise its
+    :func:`~sim2obs.pretrain.augment.toeplitz`) -- a band-limited shift as in
+    :class:`~sim2obs.pretrain.augment.RandomShift` (which shifts periodically, by separate FFTs,
+    with a slightly different Nyquist corner), and the noise its
     interpolation smooths (a half-pixel shift keeps less variance near the stamp's edges) is
     topped up with the rest. ``v_K`` at each pixel is the sum of its squared weights: the fraction of the input's white-noise variance ``1/ivar``
     that the blur and the dimming leave there is ``d_b^2 v_K``, so the output's noise variance is
@@ -146,7 +149,8 @@ class Reobserve(Augmentation):
     Shapes: ``x`` (N, B, H, W); ``ivar`` broadcastable to it (the shard's ``/ivar`` for the batch,
     or a per-band (B, 1, 1) value given at construction); ``survey`` (N,) rows of per-survey
     (S, B) tables of ``fwhm_in_pix`` / ``extinction_coeffs``. Apply before geometric transforms
-    (with ``rotate`` it is one itself: it reads ivar at its input, then moves pixels).
+    (with ``rotate`` or ``max_shift`` it is one itself: it reads ivar at its input, then moves
+    pixels, so no transform that reads ivar may follow it).
     """
 
     context_keys = ("ivar", "survey")
@@ -161,7 +165,7 @@ class Reobserve(Augmentation):
             raise Sim2ObsValueError(f"Reobserve: max_shift must be >= 0 pixels, got {max_shift}")
         self.max_shift = float(max_shift)
         self.rotation = RandomRotation(180.0, padding_mode="zeros") if rotate else None
-        self.geometric = bool(rotate)
+        self.geometric = bool(rotate) or self.max_shift > 0  # its output pixels moved: no ivar after it
         lo, hi = (float(v) for v in seeing_factor)
         self.psf = None if fwhm_in_pix is None else PSFDegrade(fwhm_in_pix, max_factor=hi, min_factor=lo)
         self.reddening = (None if extinction_coeffs is None
@@ -242,7 +246,7 @@ class Reobserve(Augmentation):
         # corners from outside the stamp: no galaxy (zeros; reflecting would mirror its outskirts
         # and neighbours into them) but sky noise at the nearest edge pixel's level (kept = 0)
         y = F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        if sigma_in.ndim >= 2 and sigma_in.shape[-2:] == (h, w):  # a map: it turns with the stamp
+        if sigma_in.ndim >= 2 and sigma_in.shape[-2:] != (1, 1):  # a map (or a row/column of one): it turns
             sigma_in = F.grid_sample(sigma_in.expand(n, b, h, w), grid, mode="nearest",
                                      padding_mode="border", align_corners=False)
         kept = bilinear_kept_variance(theta, h, w, "zeros").to(y)  # (N, 1, H, W)

@@ -347,7 +347,7 @@ class LoaderViews:
     by ``(seed, epoch, indices of the batch)``, so the views -- and the run -- do not depend on
     ``num_workers`` (0 runs the same code in the main process) nor on which worker made a batch.
     Views are always made with one intra-op thread, as PyTorch sets in DataLoader workers: some
-    kernels (the FFTs of ``RandomShift``) round differently with another thread count.
+    kernels (FFTs, matrix products) round differently with another thread count.
 
     ``__call__(a, b, keys)``: ``a``, ``b`` dicts of ``image``/``ivar`` (N, B, H, W) tensors,
     ``keys`` the N ``(epoch, index)`` pairs -> ``(x_a, x_b)``, each (N, B, H, W) float32.
@@ -391,8 +391,10 @@ def build_augment(config: PretrainConfig, dataset: ShardDataset,
     ``reobserve`` (the default) re-observes each galaxy with
     :class:`~sim2obs.pretrain.reobserve.Reobserve` -- worse seeing, dust, a sub-pixel shift of up
     to 1 px in one pair of matrix products, then one noise field -- and flips it: the view's
-    pixel noise is 1-1.5x the data's whatever the extra blur, shift and dust (sim2obs < 0.2
-    shifted after the noise, with a separate FFT: the same views in distribution, other draws). ``physical`` is the earlier chain -- noise re-realisation,
+    pixel noise is 1-1.5x the data's whatever the extra blur, shift and dust. (sim2obs < 0.2
+    shifted the finished view periodically with a separate FFT; now the zero-padded stamp is
+    shifted before the noise top-up: nearly the same views, other draws.) ``physical`` is the
+    earlier chain -- noise re-realisation,
     then blur and dimming that smooth that noise to about 0.35x the data's sigma (median, HSC):
     views deeper than the data -- kept so that runs made with it (benchmark protocol v3) resume
     and reproduce. ``reobserve-rotate`` adds an arbitrary position angle (bilinear, noise topped
@@ -517,9 +519,15 @@ def prepare_views(a: dict, b: dict, augment, normalizer: Normalizer, generator, 
     return x[:n], x[n:]
 
 
-def _json_number(v):
-    """A metric for JSON: non-finite floats (no validation set: NaN) become null."""
-    return None if isinstance(v, float) and not math.isfinite(v) else v
+def _json_row(row: dict) -> str:
+    """One line of ``metrics.jsonl``: numbers as numbers (from a metrics row or its CSV strings),
+    non-finite ones (no validation set: NaN) and empty cells as null."""
+    out = {}
+    for key, v in row.items():
+        if isinstance(v, str):
+            v = None if v == "" else (int(v) if key in ("epoch", "steps") else float(v))
+        out[key] = None if isinstance(v, float) and not math.isfinite(v) else v
+    return json.dumps(out) + "\n"
 
 
 def _collate(batch):
@@ -641,9 +649,9 @@ def pretrain(
         config = saved  # the run's own config wins: resuming must reproduce the same run
         started = ckpt.get("sim2obs_version")
         if started and started != __version__ and log and dist_info.main:
-            log(f"this run was started with sim2obs {started} and continues with {__version__}: "
-                "the epochs from here use this version's code (its augmentations may draw other "
-                "numbers), so the result can differ from an uninterrupted run under one version")
+            log(f"this run's checkpoint was written by sim2obs {started}; it continues with "
+                f"{__version__}: the epochs from here use this version's code (its augmentations "
+                "may draw other numbers), so the result can differ from an uninterrupted run")
     elif (out / CHECKPOINT).exists():
         raise Sim2ObsValueError(
             f"'{out}' already holds a run; use --resume to continue it or choose another --out"
@@ -757,19 +765,18 @@ def pretrain(
               "effective_rank", "seconds", "samples_per_s"]
     if dist_info.main:
         # a resumed run keeps the rows of the epochs its checkpoint holds (a crash after a row
-        # was written but before the checkpoint leaves one row too many: it is dropped here)
-        rows, records = [], []
+        # was written but before the checkpoint leaves one row too many: it is dropped here);
+        # metrics.jsonl is rewritten from them (also for runs begun before it existed)
+        rows = []
         if ckpt is not None and metrics_path.exists():
             with metrics_path.open() as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) < start_epoch]
-        if ckpt is not None and jsonl_path.exists():
-            records = [line for line in jsonl_path.read_text().splitlines()
-                       if line.strip() and json.loads(line)["epoch"] < start_epoch]
+                rows = [r for r in csv.DictReader(fh)
+                        if r.get("epoch", "").isdigit() and int(r["epoch"]) < start_epoch]
         with metrics_path.open("w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=fields)
             w.writeheader()
             w.writerows(rows)
-        jsonl_path.write_text("".join(line + "\n" for line in records))
+        jsonl_path.write_text("".join(_json_row(r) for r in rows))
 
     def step_loss(a, b, gen):
         if isinstance(a, dict):  # raw pairs: augment and normalise on the training device
@@ -834,8 +841,8 @@ def pretrain(
                    "samples_per_s": steps_per_epoch * world_batch / seconds}
             with metrics_path.open("a", newline="") as fh:
                 csv.DictWriter(fh, fieldnames=fields).writerow(row)
-            with jsonl_path.open("a") as fh:  # the same row as JSON Lines (NaN as null)
-                fh.write(json.dumps({k: _json_number(v) for k, v in row.items()}) + "\n")
+            with jsonl_path.open("a") as fh:  # the same row as JSON Lines
+                fh.write(_json_row(row))
             save_checkpoint(out / CHECKPOINT, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "epoch": epoch, "config": config.to_dict(),

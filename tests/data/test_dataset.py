@@ -84,6 +84,30 @@ def test_fast_arcsinh_is_within_two_ulp_of_float64():
     torch.testing.assert_close(_asinh_elementwise(special), torch.asinh(special), equal_nan=True)
 
 
+@pytest.mark.parametrize("shape", [(37, 5, 64, 64), (300, 3, 15, 15), (1, 5, 64, 64), (0, 3, 8, 8), (5, 8, 8)])
+def test_normalizer_in_slices_gives_the_one_pass_values(shape):
+    """The CPU stretch runs in slices of samples (a multiple of 64 elements each): the same
+    values as one pass on one thread, for batches that are not a multiple of the slice, odd stamp
+    sizes, one sample, an empty batch, 3-D input and channels_last input; the input is untouched."""
+    from sim2obs.data.dataset import _asinh_elementwise
+
+    bands = tuple("abcde"[: shape[-3]])
+    norm = Normalizer(bands, tuple(0.1 * (i + 1) for i in range(len(bands))))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3
+    keep = x.clone()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = _asinh_elementwise(x / torch.tensor(norm.scale_nmgy).view(-1, 1, 1))
+        got = norm(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert got.shape == x.shape and torch.equal(got, ref) and torch.equal(x, keep)
+    if len(shape) == 4 and shape[0] > 0:
+        cl = norm(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(cl, ref, rtol=0, atol=0)
+
+
 def test_normalizer_mask_zeroes_masked_pixels_only():
     """zero_masked: pixels with ivar = 0 in a band that has data become 0; a band with no data
     (ivar 0 everywhere: noiseless mock), no ivar, or zero_masked False leave images as they are."""

@@ -118,6 +118,14 @@ def test_folded_shift_moves_the_galaxy_and_keeps_its_flux_and_shape():
     dx, dy = cx - c, cy - c
     torch.testing.assert_close(dx, dx[:, :1].expand_as(dx), rtol=0, atol=1e-5)  # one shift per galaxy
     torch.testing.assert_close(dy, dy[:, :1].expand_as(dy), rtol=0, atol=1e-5)
+    # the draws, rebuilt from the same generator in Reobserve's order (noise factor, seeing
+    # factor, then the shift): content moves by +dx along x (the last axis) and +dy along y
+    g = gen(11)
+    aug.noise.draw_factor(n, 3, g, x.device, torch.float32)
+    aug.psf.draw_sigma(n, g, x.device, torch.float32)
+    drawn = -1.0 + 2.0 * torch.rand((n, 2), generator=g)
+    torch.testing.assert_close(dx[:, 0], drawn[:, 0].double(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(dy[:, 0], drawn[:, 1].double(), rtol=0, atol=1e-5)
     for d in (dx[:, 0], dy[:, 0]):
         assert d.abs().max() <= 1.0 + 1e-5
         assert d.std() == pytest.approx(1 / math.sqrt(3), rel=0.12)  # U(-1, 1): sigma 0.577
@@ -133,6 +141,8 @@ def test_folded_shift_moves_the_galaxy_and_keeps_its_flux_and_shape():
     torch.testing.assert_close(fwhm_of(y), torch.full((n, 3), 1.4 * fwhm, dtype=torch.float64), rtol=2e-3, atol=0)
     with pytest.raises(Sim2ObsValueError, match="max_shift"):
         Reobserve(FWHM, R, max_shift=-1.0)
+    with pytest.raises(Sim2ObsValueError, match="after the geometric transform Reobserve"):
+        Compose([aug, NoiseResample()])  # the stamp moved against the ivar map the next one reads
 
 
 @pytest.mark.parametrize("fwhm", [None, FWHM])
@@ -150,13 +160,14 @@ def test_folded_shift_keeps_the_noise_level_at_every_pixel(fwhm):
     assert (per_pixel - 1.2).abs().max() < 0.12  # ~5 sigma of the per-pixel scatter
 
 
-def test_toeplitz_matrices_are_the_zero_padded_fft_map():
+@pytest.mark.parametrize("n_pad", [27, 28])
+def test_toeplitz_matrices_are_the_zero_padded_fft_map(n_pad):
     """toeplitz(gaussian_kernel(sigma, n_pad, shift), n) @ x equals multiplying the FFT of the
-    zero-padded x by the transfer function and cropping; toeplitz_row_power is the rows' sum of
-    squares."""
+    zero-padded x by the transfer function and cropping (for an even n_pad the real part of the
+    phase on the Nyquist frequency); toeplitz_row_power is the rows' sum of squares."""
     from sim2obs.pretrain.augment import gaussian_kernel, toeplitz, toeplitz_row_power
 
-    n, n_pad = 20, 27
+    n = 20
     sigma = torch.tensor([[0.0, 0.7], [1.3, 2.0]], dtype=torch.float64)
     shift = torch.tensor([0.4, -0.9], dtype=torch.float64)
     k = gaussian_kernel(sigma, n_pad, shift)
@@ -170,6 +181,8 @@ def test_toeplitz_matrices_are_the_zero_padded_fft_map():
     torch.testing.assert_close((m @ x)[..., 0], ref[..., :n], rtol=0, atol=1e-12)
     torch.testing.assert_close(toeplitz_row_power(k, n), m.square().sum(-1), rtol=0, atol=1e-12)
     torch.testing.assert_close(k.sum(-1), torch.ones(2, 2, dtype=torch.float64), rtol=0, atol=1e-12)
+    with pytest.raises(Sim2ObsValueError, match="wrap"):
+        toeplitz(k, n_pad + 1)
 
 
 def test_noise_map_that_varies_within_a_stamp():
@@ -192,6 +205,56 @@ def test_noise_map_that_varies_within_a_stamp():
     torch.testing.assert_close(ratio[14:17].mean(1), torch.ones(3), rtol=0, atol=0.02)  # next to the mask
     # masked rows: only the blurred noise of their neighbours reaches them, none is added
     assert float(y.std(0)[0, 11:13].max()) < 0.5 * 1.2 * 0.2
+
+
+def test_noise_map_that_varies_with_the_shift_and_the_rotation():
+    """The exact path (ivar varying within a stamp) with the folded shift, and with rotation:
+    the depth step keeps its place (no rotation) or turns with the galaxy, and the view's noise
+    follows s / sqrt(ivar) of the pixel it came from."""
+    n = 2048
+    sig = torch.full((1, 1, S, S), 0.05)
+    sig[..., S // 2:] = 0.2
+    x = sig * torch.randn(n, 1, S, S, generator=gen(40))
+    ivar = (1.0 / sig**2).expand(n, 1, S, S)
+    y = Reobserve([4.5], None, seeing_factor=(1.1, 1.1), noise_factor=(1.2, 1.2), max_shift=1.0)(
+        x, gen(41), ivar=ivar)
+    ratio = y.std(0)[0] / (1.2 * sig[0, 0])
+    # away from the step by more than the shift: each half at its own level (~0.4 % per column mean)
+    torch.testing.assert_close(ratio[:, 2:S // 2 - 3].mean(0), torch.ones(S // 2 - 5), rtol=0, atol=0.02)
+    torch.testing.assert_close(ratio[:, S // 2 + 3:].mean(0), torch.ones(S // 2 - 3), rtol=0, atol=0.02)
+    # a column map (1, W): the same step, given as one row per stamp band, through the rotation
+    col = (1.0 / sig[0, 0, :1, :] ** 2)  # (1, S)
+    r = Reobserve(None, None, noise_factor=(1.0, 1.0), rotate=True, max_shift=0.0)(x, gen(42), ivar=col)
+    # noise only: per sample the noisy half is wherever the step turned (the rotation's top-up
+    # follows it), so over many samples every pixel inside the inscribed circle has the mean of
+    # the two variances -- with an unturned map the two halves would differ 16x
+    var = r.square().mean(0)[0]
+    yy, xx = torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij")
+    inner = ((xx - (S - 1) / 2) ** 2 + (yy - (S - 1) / 2) ** 2).sqrt() < S / 2 - 2
+    expected = (0.05**2 + 0.2**2) / 2
+    assert var[inner].mean().item() == pytest.approx(expected, rel=0.03)
+    left, right = var[:, : S // 2 - 4][inner[:, : S // 2 - 4]].mean(), var[:, S // 2 + 4:][inner[:, S // 2 + 4:]].mean()
+    assert float(left / right) == pytest.approx(1.0, abs=0.1)  # not 16: the map turned with the stamp
+
+
+@pytest.mark.parametrize("ivar_shape", ["scalar", "per band", "per column"])
+def test_ivar_of_any_broadcastable_shape(ivar_shape):
+    """A scalar, a (B, 1, 1) per-band value or a (W,) column map broadcast like a full map."""
+    x, full = white_noise(n=8, sigma=0.05)
+    ivar = {"scalar": torch.tensor(400.0), "per band": torch.full((3, 1, 1), 400.0),
+            "per column": torch.full((S,), 400.0)}[ivar_shape]
+    aug = Reobserve(FWHM, R, max_shift=1.0)
+    torch.testing.assert_close(aug(x, gen(50), ivar=ivar), aug(x, gen(50), ivar=full), rtol=0, atol=1e-6)
+
+
+def test_float64_in_float64_out():
+    """float64 stays float64 (its noise drawn in float64) at the target noise level."""
+    x, ivar = white_noise()
+    y = Reobserve(FWHM, R, seeing_factor=(1.3, 1.3), noise_factor=(1.5, 1.5), max_shift=1.0)(
+        x.double(), gen(51), ivar=ivar.double())
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y.std(dim=(0, 2, 3)) / 0.05, torch.full((3,), 1.5, dtype=torch.float64),
+                               rtol=0.01, atol=0)
 
 
 def test_per_survey_tables_and_errors():

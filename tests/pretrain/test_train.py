@@ -74,7 +74,7 @@ def test_resume_says_when_the_run_started_under_another_version(synthetic_folder
     lines: list[str] = []
     pretrain([synthetic_folders[0]], part, cfg, progress=False, resume=True, max_steps_per_epoch=1,
              log=lines.append)
-    assert any("started with sim2obs 0.0.1" in line for line in lines), lines
+    assert any("written by sim2obs 0.0.1" in line for line in lines), lines
     assert load_checkpoint(part)["epoch"] == 1
 
 
@@ -232,6 +232,14 @@ def test_augment_presets_run_and_match_the_cli(synthetic_folders, tmp_path):
 
     first = build_augment(PretrainConfig(augment="reobserve-rotate", **TINY), ShardDataset(synthetic_folders[0])).transforms[0]
     assert isinstance(first, Reobserve) and first.rotation is not None
+    # the default: the shift inside Reobserve (noise topped up after it), then the flips only
+    from sim2obs.pretrain.augment import RandomRot90Flip, RandomShift
+
+    default = build_augment(PretrainConfig(**TINY), ShardDataset(synthetic_folders[0])).transforms
+    assert [type(t) for t in default] == [Reobserve, RandomRot90Flip]
+    assert default[0].max_shift == 1.0 and default[0].rotation is None
+    physical = build_augment(PretrainConfig(augment="physical", **TINY), ShardDataset(synthetic_folders[0])).transforms
+    assert isinstance(physical[-1], RandomShift)  # v3's chain unchanged
     with pytest.raises(Sim2ObsValueError, match="augment must be one of"):
         PretrainConfig(augment="full")
 
