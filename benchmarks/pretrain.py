@@ -3,7 +3,7 @@
 * bare loop: the same model (encoder + projection head), the same global batch and loss, on
   views already made and in memory (the stretched image and its mirror) -- the ceiling;
 * sim2obs: :func:`sim2obs.pretrain.train.pretrain` reading HDF5 shards lazily, with the default
-  physical augmentations, normalisation, gradient clipping and the schedule: the rate logged for
+  ``reobserve`` views, normalisation, gradient clipping and the schedule: the rate logged for
   its last epoch (the training loop; the validation pass, metrics row and checkpoint that follow
   each epoch are not in it, and the first epoch holds the start-up, as the bare loop's untimed
   warm-up step does);
