@@ -352,3 +352,18 @@ def test_rotation_turns_the_ivar_map_and_is_a_geometric_first_step():
     Compose([aug])(x, gen(0), ivar=ivar)  # reads ivar at its own input: fine
     with pytest.raises(Sim2ObsValueError, match="after the geometric transform Reobserve"):
         Compose([aug, NoiseResample()])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rotate", [False, True])
+def test_on_cuda_with_cpu_and_cuda_generators(rotate):
+    """On the GPU: a CPU generator gives the CPU's views (to float32 rounding of the matrix
+    products), a CUDA generator gives views at the target noise level."""
+    x, ivar = white_noise()
+    aug = Reobserve(FWHM, R, noise_factor=(1.2, 1.2), rotate=rotate, max_shift=1.0)
+    cpu = aug(x, gen(60), ivar=ivar)
+    gpu = aug.cuda()(x.cuda(), gen(60), ivar=ivar.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-4)
+    own = aug(x.cuda(), torch.Generator(device="cuda").manual_seed(60), ivar=ivar.cuda())
+    assert own.is_cuda
+    assert own.std().item() / 0.05 == pytest.approx(1.2, rel=0.03)
