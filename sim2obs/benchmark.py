@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sim2obs import __version__
 from sim2obs._atomic import atomic_output
 from sim2obs.errors import Sim2ObsValueError
 
@@ -338,7 +339,7 @@ def run_benchmark(out: str | Path, seeds: int = 3, methods=None, quick: bool = F
                 f"; AUC after {res['gap_after']['c2st_auc']:.3f}")
 
     eff = _label_efficiency(encoders[0], data, out, sizes, device, quick, log) if label_efficiency else None
-    results = {"protocol": protocol, "sizes": asdict(sizes), "seeds": seeds,
+    results = {"protocol": protocol, "sim2obs_version": __version__, "sizes": asdict(sizes), "seeds": seeds,
                "pretrained": [str(e) for e in encoders], "runs": runs, "summary": _summarise(runs, labels),
                "gap_before": _mean_std([r["gap"] for r in runs["none"]]),
                "label_efficiency": eff, "references": REFERENCES,

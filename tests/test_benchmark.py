@@ -118,6 +118,9 @@ def test_quick_benchmark_end_to_end(tmp_path):
                       label_efficiency=False, workers=1, progress=False)
     on_disk = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert on_disk["protocol"]["version"] == 3 and set(on_disk["runs"]) == {"none", "mmd", "oracle"}
+    from sim2obs import __version__
+
+    assert on_disk["sim2obs_version"] == __version__  # the views' code changes between versions
     res = r["runs"]["mmd"][0]
     assert set(res["by_weight"]) == {f"{w:g}" for w in WEIGHT_GRID}
     for v in res["by_weight"].values():
