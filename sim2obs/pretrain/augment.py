@@ -89,8 +89,8 @@ def gaussian_kernel(sigma: Tensor, n_pad: int, shift: Tensor | None = None) -> T
     exp(-2 pi i k d)`` (k in cycles per pixel): a Gaussian blur of ``sigma`` (N, B) pixels,
     followed by a band-limited shift of ``d = shift`` (N,) pixels when given (content moves to
     +d; the sign convention of :class:`RandomShift`). Sums to 1 (the transfer is 1 at k = 0).
-    On the Nyquist frequency of an even ``n_pad`` ``irfft`` keeps the real part of the phase,
-    ``cos(pi d)``: the Hermitian part, so the kernel is real."""
+    On the Nyquist frequency of an even ``n_pad`` the phase is replaced by its real (Hermitian)
+    part ``cos(pi d)``, as :class:`RandomShift` does, so the kernel is real."""
     freq = torch.fft.rfftfreq(n_pad, device=sigma.device, dtype=sigma.dtype)
     gain = torch.exp((-2.0 * math.pi**2) * sigma.square()[..., None] * freq**2)
     if shift is None:

@@ -394,8 +394,8 @@ def build_augment(config: PretrainConfig, dataset: ShardDataset,
     pixel noise is 1-1.5x the data's whatever the extra blur, shift and dust. (sim2obs < 0.2
     shifted the finished view periodically with a separate FFT; now the zero-padded stamp is
     shifted before the noise top-up: nearly the same views, other draws.) ``physical`` is the
-    earlier chain -- noise re-realisation,
-    then blur and dimming that smooth that noise to about 0.35x the data's sigma (median, HSC):
+    earlier chain -- noise re-realisation, then blur and dimming that smooth that noise to about
+    0.35x the data's sigma (median, HSC):
     views deeper than the data -- kept so that runs made with it (benchmark protocol v3) resume
     and reproduce. ``reobserve-rotate`` adds an arbitrary position angle (bilinear, noise topped
     up) before the rest.
@@ -647,9 +647,9 @@ def pretrain(
                              if getattr(saved, f.name) != getattr(config, f.name))
             log(f"resuming with the run's saved configuration (config.json): {diff}")
         config = saved  # the run's own config wins: resuming must reproduce the same run
-        started = ckpt.get("sim2obs_version")
-        if started and started != __version__ and log and dist_info.main:
-            log(f"this run's checkpoint was written by sim2obs {started}; it continues with "
+        written = ckpt.get("sim2obs_version")
+        if written and written != __version__ and log and dist_info.main:
+            log(f"this run's checkpoint was written by sim2obs {written}; it continues with "
                 f"{__version__}: the epochs from here use this version's code (its augmentations "
                 "may draw other numbers), so the result can differ from an uninterrupted run")
     elif (out / CHECKPOINT).exists():
