@@ -123,12 +123,13 @@ class Reobserve(Augmentation):
     d)`` on the stamp zero-padded by 4 sigma + max_shift (flux-conserving;
     :func:`~sim2obs.pretrain.augment.toeplitz`) -- a band-limited shift as in
     :class:`~sim2obs.pretrain.augment.RandomShift` (which shifts periodically, by separate FFTs,
-    with a slightly different Nyquist corner), and the noise its
-    interpolation smooths (a half-pixel shift keeps less variance near the stamp's edges) is
-    topped up with the rest. ``v_K`` at each pixel is the sum of its squared weights: the fraction of the input's white-noise variance ``1/ivar``
-    that the blur and the dimming leave there is ``d_b^2 v_K``, so the output's noise variance is
-    ``s^2 / ivar`` at every pixel -- the same depth as the data for ``s = 1``, ``s^2`` times
-    shallower otherwise -- and ``ivar / s^2`` is its inverse variance. Where ivar varies within a
+    with a slightly different Nyquist corner), and the noise its interpolation smooths (a
+    half-pixel shift keeps less variance near the stamp's edges) is topped up with the rest.
+    ``v_K`` at each pixel is the sum of its squared weights: the fraction of the input's
+    white-noise variance ``1/ivar`` that the blur and the dimming leave there is ``d_b^2 v_K``,
+    so the output's noise variance is ``s^2 / ivar`` at every pixel -- the same depth as the
+    data for ``s = 1``, ``s^2`` times shallower otherwise -- and ``ivar / s^2`` is its inverse
+    variance. Where ivar varies within a
     stamp band (masks, Poisson noise of bright sources, depth steps) the variance the blur leaves
     is computed from the whole map instead, ``d_b^2 (M_y o M_y) V (M_x o M_x)^T`` with
     ``V = 1 / ivar`` (0 where masked; one more pair of matrix products), and the added noise brings
