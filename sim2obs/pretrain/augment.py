@@ -39,6 +39,7 @@ up to the target (the training default).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -108,17 +109,11 @@ def gaussian_kernel(sigma: Tensor, n_pad: int, shift: Tensor | None = None) -> T
     return torch.fft.irfft(torch.polar(gain, angle), n=n_pad)
 
 
-_TOEPLITZ_INDEX: dict[tuple, Tensor] = {}  # (n, n_pad, device) -> (2n - 1,) gather index
-
-
+@functools.lru_cache(maxsize=64)  # one small index per (stamp size, padding, device) in use
 def _toeplitz_index(n: int, n_pad: int, device: torch.device) -> Tensor:
     """r[t] = k[(n - 1 - t) mod n_pad], t < 2n - 1: every value a Toeplitz matrix of the periodic
     kernel k needs, in the order that ``unfold`` windows read them."""
-    key = (n, n_pad, str(device))
-    index = _TOEPLITZ_INDEX.get(key)
-    if index is None:
-        index = _TOEPLITZ_INDEX[key] = (n - 1 - torch.arange(2 * n - 1, device=device)) % n_pad
-    return index
+    return (n - 1 - torch.arange(2 * n - 1, device=device)) % n_pad
 
 
 def toeplitz(kernel: Tensor, n: int) -> Tensor:
