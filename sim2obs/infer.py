@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from sim2obs._atomic import atomic_output
-from sim2obs.data.dataset import ShardDataset
+from sim2obs.data.dataset import ENCODER_BANDS_HINT, ShardDataset
 from sim2obs.errors import Sim2ObsValueError
 from sim2obs.heads import (
     INTERVALS,
@@ -74,7 +74,7 @@ def predict(run_dir: str | Path, folders, device: str = "cpu", batch_size: int =
     model = model.to(dev)
     scaler = LabelScaler.from_dict(ckpt["label_scaler"])
     scale = interval_scales(ckpt)
-    ds = ShardDataset(folders, bands=model.normalizer.bands)
+    ds = ShardDataset(folders, bands=model.normalizer.bands, bands_hint=ENCODER_BANDS_HINT)
     run_stamp = ckpt.get("stamp")
     if run_stamp is not None and tuple(run_stamp) != ds.stamp:
         raise Sim2ObsValueError(f"'{run_dir}' was trained on {tuple(run_stamp)} stamps but {folders} "

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from sim2obs._atomic import atomic_output
-from sim2obs.data.dataset import Normalizer, ShardDataset
+from sim2obs.data.dataset import ENCODER_BANDS_HINT, Normalizer, ShardDataset
 from sim2obs.errors import Sim2ObsDataError, Sim2ObsValueError
 from sim2obs.heads import (
     INTERVALS,
@@ -367,14 +367,15 @@ def adapt(pretrained: str | Path, source, target, out_dir: str | Path,
     encoder, normalizer, pre = load_encoder(pretrained)
     if pre.get("kind") == "adapt":
         raise Sim2ObsValueError(f"'{pretrained}' is an adaptation run; adapt from the pretraining run")
-    kw = dict(bands=normalizer.bands, val_fraction=config.val_fraction, split_seed=config.split_seed)
+    kw = dict(bands=normalizer.bands, val_fraction=config.val_fraction, split_seed=config.split_seed,
+              bands_hint=ENCODER_BANDS_HINT)
     src_train = ShardDataset(source, split="train", **kw)
     try:
         src_val = ShardDataset(source, split="val", **kw)
     except Sim2ObsDataError as exc:
         raise Sim2ObsDataError(f"{exc}: too few source galaxies for a validation split; render "
                                "more or raise --val-fraction") from exc
-    tgt = ShardDataset(target, bands=normalizer.bands)
+    tgt = ShardDataset(target, bands=normalizer.bands, bands_hint=ENCODER_BANDS_HINT)
     for ds, what in ((src_val, "source"), (tgt, "target")):
         if ds.stamp != src_train.stamp:
             raise Sim2ObsDataError(f"{what} stamps are {ds.stamp} pixels but source training stamps "

@@ -225,6 +225,33 @@ class Normalizer:
         return cls(dataset.bands, tuple(float(k * s) for s in sigma))
 
 
+BANDS_HINT = "pass --bands with names every folder has"
+ENCODER_BANDS_HINT = ("the encoder was trained on these bands: use shards that have them, or "
+                      "pretrain one on bands every folder has (sim2obs pretrain --bands)")
+
+
+def check_shard_bands(path, shard_bands, bands, first: tuple[str, tuple[str, ...]] | None,
+                      hint: str = BANDS_HINT) -> None:
+    """Raise :class:`Sim2ObsDataError` unless shard ``path`` (with ``shard_bands``) can give
+    ``bands``. ``first``: ``(path, bands)`` of the first shard when the bands were taken from it
+    (none asked for): then every shard must have the same band list, in any order -- a folder of
+    another survey with more bands is an error rather than silently cut to the first one's.
+    ``hint`` ends the message (what to do)."""
+    shard_bands = tuple(shard_bands)
+    missing = [b for b in bands if b not in shard_bands]
+    if first is not None and (missing or len(shard_bands) != len(bands)):
+        common = [b for b in first[1] if b in shard_bands]
+        raise Sim2ObsDataError(
+            f"'{path}' has bands {list(shard_bands)} but '{first[0]}' has {list(first[1])}: folders "
+            f"with different band lists need --bands naming the bands to use (both have {common})"
+        )
+    if missing:
+        raise Sim2ObsDataError(
+            f"'{path}' has bands {list(shard_bands)}, without {missing} of the bands "
+            f"{list(bands)}; {hint}"
+        )
+
+
 def _put(out: np.ndarray, where: np.ndarray, values: np.ndarray, inverse: np.ndarray) -> None:
     """``out[where] = values[inverse]``, in one copy when ``where`` is all of ``out``."""
     if where.size == out.shape[0] and values.dtype == out.dtype:
@@ -240,15 +267,16 @@ class ShardDataset:
     Parameters
     ----------
     folders : shard folders (one survey setting each)
-    bands : band names to use, in this order; default: the first folder's bands, which every
-        folder must then have
+    bands : band names to use, in this order; default: the first folder's bands, and every
+        folder must then have the same band list (in any order)
     split : 'train', 'val' or 'all'
     val_fraction, split_seed : deterministic split by object_id
     label_keys : labels to return (missing ones are NaN)
+    bands_hint : what the error says to do when a shard lacks some of ``bands``
     """
 
     def __init__(self, folders, bands=None, split: str = "all", val_fraction: float = 0.1,
-                 split_seed: int = 0, label_keys=()):
+                 split_seed: int = 0, label_keys=(), bands_hint: str = BANDS_HINT):
         if isinstance(folders, str | Path):
             folders = [folders]
         if not folders:
@@ -263,6 +291,7 @@ class ShardDataset:
         rows_file, rows_row, ids = [], [], []
         stamp = None
         self.bands: tuple[str, ...] = tuple(bands) if bands else ()
+        first = None  # (path, bands) of the first shard when no bands are asked for
         self.pixel_scales: dict[str, float] = {}
         self.n_from_manifest = 0  # shards described by an up-to-date manifest (not opened)
         for folder in self.folders:
@@ -275,13 +304,8 @@ class ShardDataset:
                 survey = entry.survey if entry.survey is not None else folder.name
                 self.pixel_scales[survey] = entry.pixel_scale_arcsec
                 if not self.bands:
-                    self.bands = fb
-                missing = [b for b in self.bands if b not in fb]
-                if missing:
-                    raise Sim2ObsDataError(
-                        f"'{path}' has bands {list(fb)} but training uses {list(self.bands)} "
-                        f"(missing {missing}); pass --bands with names every folder has"
-                    )
+                    self.bands, first = tuple(fb), (str(path), tuple(fb))
+                check_shard_bands(path, fb, self.bands, first, bands_hint)
                 if stamp is None:
                     stamp = shape[2:]
                 elif tuple(shape[2:]) != tuple(stamp):

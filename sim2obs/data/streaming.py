@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sim2obs.data.dataset import split_of
+from sim2obs.data.dataset import check_shard_bands, split_of
 from sim2obs.data.manifest import fix_hint, open_shard, shard_entries
 from sim2obs.errors import Sim2ObsDataError, Sim2ObsValueError
 
@@ -105,6 +105,7 @@ class StreamingShardDataset(torch.utils.data.IterableDataset):
         self.partition, self.read_rows = partition, int(read_rows)
         self.epoch = 0
         self.bands: tuple[str, ...] = tuple(bands) if bands else ()
+        first = None  # (path, bands) of the first shard when no bands are asked for
         self.files: list[str] = []
         self.surveys: list[str] = []
         self.pixel_scales: dict[str, float] = {}
@@ -116,13 +117,8 @@ class StreamingShardDataset(torch.utils.data.IterableDataset):
             self.n_from_manifest += n_manifest
             for path, entry in entries:
                 if not self.bands:
-                    self.bands = entry.bands
-                missing = [b for b in self.bands if b not in entry.bands]
-                if missing:
-                    raise Sim2ObsDataError(
-                        f"'{path}' has bands {list(entry.bands)} but training uses {list(self.bands)} "
-                        f"(missing {missing}); pass --bands with names every folder has"
-                    )
+                    self.bands, first = tuple(entry.bands), (str(path), tuple(entry.bands))
+                check_shard_bands(path, entry.bands, self.bands, first)
                 if stamp is None:
                     stamp = entry.stamp
                 elif entry.stamp != stamp:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sim2obs.data.dataset import Normalizer, ShardDataset, split_of
+from sim2obs.data.dataset import ENCODER_BANDS_HINT, Normalizer, ShardDataset, split_of
 from sim2obs.errors import Sim2ObsDataError, Sim2ObsValueError
 
 
@@ -135,8 +135,16 @@ def test_normalizer_mask_zeroes_masked_pixels_only():
 
 
 def test_errors(synthetic_folders, tmp_path):
-    with pytest.raises(Sim2ObsDataError, match="missing"):
+    with pytest.raises(Sim2ObsDataError, match=r"without \['z'\] of the bands \['z'\]; pass --bands"):
         ShardDataset([synthetic_folders[0], synthetic_folders[1]], bands=("z",))
+    with pytest.raises(Sim2ObsDataError, match="different band lists need --bands"):
+        ShardDataset(list(synthetic_folders))  # (g, r, i) then (g, r, i, z): u not silently dropped
+    with pytest.raises(Sim2ObsDataError, match="different band lists need --bands"):
+        ShardDataset(list(synthetic_folders[::-1]))
+    with pytest.raises(Sim2ObsDataError, match="encoder was trained on these bands"):
+        ShardDataset(synthetic_folders[0], bands=("g", "z"), bands_hint=ENCODER_BANDS_HINT)
+    both = ShardDataset(list(synthetic_folders), bands=("i", "g", "r"))  # a common subset, any order
+    assert both.bands == ("i", "g", "r") and set(both.surveys) == {"hsc", "lsst"}
     with pytest.raises(Sim2ObsValueError, match="split"):
         ShardDataset(synthetic_folders[0], split="test")
     with pytest.raises(FileNotFoundError):
@@ -193,3 +201,14 @@ def test_missing_ivar_is_estimated_from_the_stamp(make_shards, tmp_path):
     # noiseless stamps: nothing to re-realise (ivar 0), never a division by zero
     flat = estimated_ivar(np.zeros((2, 3, 16, 16), dtype=np.float32))
     assert flat.shape == (2, 3, 16, 16) and np.all(flat == 0)
+
+
+def test_same_bands_in_another_order(synthetic_folders, make_shards, tmp_path):
+    """Folders with the same band list in another order need no --bands: the first one's order is
+    used and the others' bands are read in it."""
+    other = make_shards(tmp_path / "rgi", n=32, survey="other", bands=("r", "g", "i"), seed=3)
+    ds = ShardDataset([synthetic_folders[0], other])
+    assert ds.bands == ("g", "r", "i")
+    ref = ShardDataset(other, bands=("g", "r", "i"))
+    last = len(ds) - 1
+    np.testing.assert_array_equal(ds.raw(last)["image"], ref.raw(len(ref) - 1)["image"])

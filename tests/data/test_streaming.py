@@ -194,3 +194,13 @@ def test_cli_stream_options():
         from sim2obs.pretrain.train import PretrainConfig
 
         PretrainConfig(stream=True, shuffle_buffer=-1)
+
+
+def test_band_lists_checked_as_in_shard_dataset(synthetic_folders):
+    """Folders with different band lists need bands named (the extra one is not dropped)."""
+    with pytest.raises(Sim2ObsDataError, match="different band lists need --bands"):
+        StreamingShardDataset(list(synthetic_folders), rank=0, world_size=1)
+    with pytest.raises(Sim2ObsDataError, match=r"without \['z'\]"):
+        StreamingShardDataset(list(synthetic_folders), bands=("g", "z"), rank=0, world_size=1)
+    ds = StreamingShardDataset(list(synthetic_folders), bands=("g", "r", "i"), rank=0, world_size=1)
+    assert ds.bands == ("g", "r", "i")

@@ -312,9 +312,15 @@ def test_augment_on_loader_same_run_for_any_num_workers(synthetic_folders, tmp_p
 
 
 def test_bad_input(synthetic_folders, tmp_path):
-    with pytest.raises(Sim2ObsDataError, match="missing"):
-        # second folder lacks 'z'
-        pretrain([synthetic_folders[1], synthetic_folders[0]], tmp_path / "a", PretrainConfig(**TINY),
+    for order in (synthetic_folders[::-1], synthetic_folders):  # (g, r, i, z) and (g, r, i)
+        # without --bands, folders with different band lists are an error in either order (the
+        # extra band is not silently dropped); the message names both shards and the common bands
+        with pytest.raises(Sim2ObsDataError, match=r"different band lists need --bands") as info:
+            pretrain(list(order), tmp_path / "a", PretrainConfig(**TINY), progress=False)
+        assert str(order[0]) in str(info.value) and str(order[1]) in str(info.value)
+        assert "['g', 'r', 'i']" in str(info.value)
+    with pytest.raises(Sim2ObsDataError, match=r"without \['z'\]"):
+        pretrain(list(synthetic_folders), tmp_path / "a", PretrainConfig(**TINY, bands=("g", "z")),
                  progress=False)
     empty = tmp_path / "empty"
     empty.mkdir()
