@@ -82,3 +82,117 @@ def test_threads_option_limits_torch_and_blas(tiny_universe, tmp_path):
         build_parser().parse_args(["--threads", "x", "render"])
     with pytest.raises(SystemExit):
         main(["--threads", "0", "manifest", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------------------------
+# probe
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def probe_run(synthetic_folders, tmp_path_factory):
+    from sim2obs.pretrain.train import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(epochs=1, batch_size=16, embed_dim=8, proj_hidden=16, proj_dim=8,
+                         encoder_kwargs={"width": 8, "depths": [1], "stem_stride": 2})
+    return pretrain([synthetic_folders[0]], tmp_path_factory.mktemp("probe") / "run", cfg,
+                    progress=False)
+
+
+def test_probe_help_states_every_default(capsys):
+    parser = build_parser()
+    probe_parser = next(a for a in parser._actions if a.dest == "command").choices["probe"]
+    for action in probe_parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and "default" in action.help, action.option_strings
+    with pytest.raises(SystemExit):
+        parser.parse_args(["probe", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in ("--out FILE.json", "(default: 5)", "(default: log_mstar)", "(default: 256)",
+                   "k = 10", "leave-one-out", "grouped by object_id", "1e-3 to 1e4"):
+        assert phrase in text, phrase
+    from sim2obs.pretrain.evaluate import KNN_K, RIDGE_ALPHAS
+
+    assert KNN_K == 10 and len(RIDGE_ALPHAS) == 15
+    assert (min(RIDGE_ALPHAS), max(RIDGE_ALPHAS)) == pytest.approx((1e-3, 1e4))
+
+
+@pytest.mark.parametrize("folds,message", [
+    ("0", "--folds must be an integer >= 2"),
+    ("1", "--folds must be an integer >= 2"),
+    ("200", "--folds 200 needs at least 200 galaxies with a finite 'log_mstar', only 96 available"),
+])
+def test_probe_bad_folds_fail_in_one_line_before_embedding(probe_run, synthetic_folders, folds,
+                                                           message, capsys, monkeypatch):
+    import sim2obs.pretrain.evaluate as evaluate
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embeddings computed before the --folds check")
+
+    monkeypatch.setattr(evaluate, "compute_embeddings", no_embedding)
+    capsys.readouterr()
+    assert main(["probe", str(probe_run), str(synthetic_folders[0]), "--folds", folds]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_probe_two_surveys_counts_galaxies_and_writes_json(probe_run, synthetic_folders, tmp_path,
+                                                           capsys):
+    import json
+
+    import sim2obs
+
+    folders = [str(f) for f in synthetic_folders]  # the same 96 galaxies seen by two surveys
+    out_json = tmp_path / "probe.json"
+    capsys.readouterr()
+    assert main(["probe", str(probe_run), *folders, "--label", "log_mstar", "redshift",
+                 "--folds", "3", "--batch-size", "50", "--out", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "192 stamps of 96 galaxies, 3-fold cross-validation grouped by galaxy" in out
+    assert "N = 192 embeddings" in out and "(N = 192)" in out
+    assert "dz/(1+z)" in out and "> 0.15" in out and "> 0.3 dex" in out
+    res = json.loads(out_json.read_text())
+    assert res["sim2obs_version"] == sim2obs.__version__
+    assert res["n_stamps"] == 192 and res["n_galaxies"] == 96 and res["folds"] == 3
+    assert res["seed"] == 0 and res["labels"] == ["log_mstar", "redshift"] and res["knn_k"] == 10
+    assert res["run"] == str(probe_run.resolve())
+    for name in ("pretrained", "random-init"):
+        c = res["collapse"][name]
+        assert c["n_embeddings"] == 192 and c["dim"] == 8
+        assert c["embedding_std"] > 0 and 1 <= c["effective_rank"] <= 8
+        for label, unit in (("log_mstar", "dex"), ("redshift", "dz/(1+z)")):
+            sc = res["scores"][label]
+            assert sc["residual_unit"] == unit and sc["n_galaxies"] == 96
+            for kind in ("linear", "knn"):
+                assert set(sc[name][kind]) == {"r2", "bias", "nmad", "outlier_fraction", "n"}
+                assert sc[name][kind]["n"] == 192
+    assert res["scores"]["redshift"]["outlier_threshold"] == 0.15
+    assert [p.name for p in tmp_path.iterdir()] == ["probe.json"]  # no temporary file left
+    # the same seed gives the same folds and the same scores
+    assert main(["probe", str(probe_run), *folders, "--label", "log_mstar", "redshift",
+                 "--folds", "3", "--out", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["scores"] == res["scores"]
+
+
+def test_ctrl_c_says_what_is_kept_for_the_command(synthetic_folders, tmp_path, capsys, monkeypatch):
+    """Ctrl-C names what survives and how to go on, per command (not the render message)."""
+    import sim2obs.pretrain.train as train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "pretrain", interrupted)
+    run = tmp_path / "run"
+    argv = ["pretrain", str(synthetic_folders[0]), "--out", str(run)]
+    assert main(argv) == 130
+    assert "no epoch had finished" in capsys.readouterr().err
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "last finished epoch" in err and f"--resume {run}" in err and "shards" not in err
+    monkeypatch.setattr("sim2obs.gap.search.load_many", interrupted)
+    assert main(["anomalies", str(tmp_path / "e.h5"), "--reference", str(tmp_path / "r.h5"),
+                 "--out", str(tmp_path / "a.csv")]) == 130
+    assert "half-written" in capsys.readouterr().err
