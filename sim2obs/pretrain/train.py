@@ -610,6 +610,44 @@ def _generator(device: torch.device, seed: int, *keys: int) -> torch.Generator:
     return g
 
 
+def training_data_summary(dataset) -> dict:
+    """What a run was trained on, for its checkpoint: ``bands``, training ``galaxies`` (stamps)
+    per survey and a ``fingerprint`` (SHA-1 of the bands, each shard's survey, file name and
+    training rows, and the object ids in order): a resumed run must see the same data in the same
+    order to reproduce the uninterrupted one, wherever the folders now are."""
+    files = [Path(f).name for f in dataset.files]
+    if hasattr(dataset, "file_of"):  # ShardDataset: the rows of the training split
+        counts = np.bincount(dataset.file_of, minlength=len(files)).tolist()
+        ids = np.ascontiguousarray(dataset.object_id, dtype=np.int64).tobytes()
+    else:  # StreamingShardDataset: its training rows per shard
+        counts, ids = [int(c) for c in dataset.counts], b""
+    per_survey: dict[str, int] = {}
+    for survey, c in zip(dataset.surveys, counts, strict=True):
+        per_survey[survey] = per_survey.get(survey, 0) + int(c)
+    h = hashlib.sha1(json.dumps([list(dataset.bands), list(zip(dataset.surveys, files, counts, strict=True))]).encode())
+    h.update(ids)
+    return {"bands": list(dataset.bands), "galaxies": per_survey, "fingerprint": h.hexdigest()}
+
+
+def _check_resumed_data(ckpt: dict, dataset, out: Path, folders) -> None:
+    """Refuse to resume a run on other data than it was trained on (other folders, bands, split):
+    the result would not be the run's, and a different band count would fail deep in torch."""
+    saved = ckpt.get("data")
+    now = training_data_summary(dataset)
+    if saved is None:  # older checkpoints record the bands only
+        same = list(ckpt.get("bands", now["bands"])) == now["bands"]
+        saved = {"bands": list(ckpt.get("bands", [])), "galaxies": "?"}
+    else:
+        same = saved["fingerprint"] == now["fingerprint"]
+    if not same:
+        raise Sim2ObsValueError(
+            f"'{out}' was trained on bands {saved['bands']} with {saved['galaxies']} training "
+            f"galaxies per survey, but {[str(f) for f in folders]} give bands {now['bands']} with "
+            f"{now['galaxies']}: resume with the run's own folders, in the same order (listed in "
+            f"{out / 'config.json'}), or start a new run with another --out"
+        )
+
+
 def pretrain(
     folders: list[str | Path],
     out_dir: str | Path,
@@ -656,7 +694,6 @@ def pretrain(
         raise Sim2ObsValueError(
             f"'{out}' already holds a run; use --resume to continue it or choose another --out"
         )
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
 
     if config.stream:
@@ -682,6 +719,9 @@ def pretrain(
             f"only {len(train_ds)} training galaxies for a batch of {world_batch}; render more or "
             "lower --batch-size"
         )
+    if ckpt is not None:
+        _check_resumed_data(ckpt, train_ds, out, folders)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no empty folder
     normalizer = (Normalizer.from_dict(ckpt["normalizer"]) if ckpt else dataclasses.replace(
         Normalizer.from_noise(train_ds), zero_masked=config.zero_masked))
     augment = build_augment(config, train_ds, log if dist_info.main else None).to(dev)
@@ -754,10 +794,11 @@ def pretrain(
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
     if ckpt is not None and ckpt.get("grad_scaler"):  # fp16 runs: the loss scale goes on
         scaler.load_state_dict(ckpt["grad_scaler"])
+    data_summary = training_data_summary(train_ds)
     if dist_info.main:
         (out / "config.json").write_text(json.dumps(
             {"config": config.to_dict(), "folders": [str(f) for f in folders],
-             "bands": list(train_ds.bands), "normalizer": normalizer.to_dict(),
+             "bands": list(train_ds.bands), "data": data_summary, "normalizer": normalizer.to_dict(),
              "encoder_config": encoder.config(), "sim2obs_version": __version__,
              "world_size": dist_info.world, "device": str(dev)}, indent=2))
     metrics_path, jsonl_path = out / "metrics.csv", out / "metrics.jsonl"
@@ -847,7 +888,7 @@ def pretrain(
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "epoch": epoch, "config": config.to_dict(),
                 "normalizer": normalizer.to_dict(), "encoder_config": encoder.config(),
-                "bands": list(train_ds.bands), "sim2obs_version": __version__,
+                "bands": list(train_ds.bands), "data": data_summary, "sim2obs_version": __version__,
                 "grad_scaler": scaler.state_dict(),
             })
             if log:

@@ -78,6 +78,44 @@ def test_resume_says_when_the_run_started_under_another_version(synthetic_folder
     assert load_checkpoint(part)["epoch"] == 1
 
 
+def test_resume_refuses_other_data(synthetic_folders, tmp_path):
+    """A run resumes only on the data it was trained on: other folders (here the other survey,
+    with another band count that would otherwise fail deep in load_state_dict), or a subset of
+    its folders, are refused with both named; the same shards moved elsewhere resume."""
+    import shutil
+
+    cfg = PretrainConfig(**TINY, bands=("g", "r", "i"))
+    two = pretrain(list(synthetic_folders), tmp_path / "two", cfg, progress=False, stop_after_epoch=1,
+                   max_steps_per_epoch=1)
+    data = load_checkpoint(two)["data"]
+    assert data["bands"] == ["g", "r", "i"] and set(data["galaxies"]) == {"hsc", "lsst"}
+    assert json.loads((two / "config.json").read_text())["data"] == data
+    for folders in ([synthetic_folders[1]], [synthetic_folders[0]], synthetic_folders[::-1]):
+        with pytest.raises(Sim2ObsValueError, match="resume with the run's own folders") as info:
+            pretrain(list(folders), two, cfg, progress=False, resume=True, max_steps_per_epoch=1)
+        assert "'hsc'" in str(info.value) and str(folders[0]) in str(info.value)
+    assert load_checkpoint(two)["epoch"] == 0  # nothing written by the refused calls
+    moved = [shutil.copytree(f, tmp_path / "moved" / f.name) for f in synthetic_folders]
+    pretrain(moved, two, cfg, progress=False, resume=True, max_steps_per_epoch=1)
+    assert load_checkpoint(two)["epoch"] == 1
+
+    # a checkpoint from before the data record: the bands are still compared
+    one = pretrain([synthetic_folders[1]], tmp_path / "one", PretrainConfig(**TINY), progress=False,
+                   stop_after_epoch=1, max_steps_per_epoch=1)
+    ckpt = load_checkpoint(one)
+    del ckpt["data"]
+    torch.save(ckpt, one / CHECKPOINT)
+    with pytest.raises(Sim2ObsValueError, match=r"bands \['g', 'r', 'i', 'z'\].*give bands \['g', 'r', 'i'\]"):
+        pretrain([synthetic_folders[0]], one, PretrainConfig(**TINY), progress=False, resume=True)
+
+
+def test_refused_run_leaves_no_folder(synthetic_folders, tmp_path):
+    with pytest.raises(Sim2ObsValueError, match="lower --batch-size"):
+        pretrain([synthetic_folders[0]], tmp_path / "new" / "run", PretrainConfig(**{**TINY, "batch_size": 4096}),
+                 progress=False)
+    assert not (tmp_path / "new").exists()
+
+
 def test_resume_with_dropout_gives_the_same_weights(synthetic_folders, tmp_path):
     """Dropout draws from the global RNG: re-seeded from (seed, epoch, rank) each epoch, so a
     resumed run (a new process would start from a fresh RNG) draws the same masks."""
