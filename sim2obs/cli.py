@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -88,7 +89,10 @@ def _add_render(sub) -> None:
                    help="with --realism observed: only these effects (default all)")
     p.add_argument("--psf-fwhm-scale", type=float, default=1.0,
                    help="multiply every band's PSF FWHM (e.g. 1.3 for worse seeing)")
-    p.add_argument("--orientation", choices=("random", "face-on", "edge-on", "as-is"), default="random")
+    p.add_argument("--orientation", choices=("random", "face-on", "edge-on", "as-is"), default="random",
+                   help="line of sight: random (default: uniform on the sphere, per galaxy), "
+                        "face-on or edge-on (about the stellar angular momentum), as-is (the "
+                        "simulation's z axis); recorded in the labels")
     z = p.add_mutually_exclusive_group()
     z.add_argument("--redshift", type=float, default=None,
                    help="observe every galaxy at this redshift (default: the snapshot's, 0.1 for z=0)")
@@ -212,16 +216,26 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN",
                    help="continue a run from its last checkpoint (same result as an uninterrupted "
                         "run): --resume RUN, or --resume with --out RUN")
-    p.add_argument("--method", choices=("simclr", "vicreg"), default="simclr")
-    p.add_argument("--encoder", choices=("resnet", "vit"), default="resnet")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=128, help="global batch size (all processes)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--embed-dim", type=int, default=128)
+    p.add_argument("--method", choices=("simclr", "vicreg"), default="simclr",
+                   help="simclr (default): contrastive NT-Xent (Chen et al. 2020); vicreg: "
+                        "variance-invariance-covariance, no negatives (Bardes et al. 2022)")
+    p.add_argument("--encoder", choices=("resnet", "vit"), default="resnet",
+                   help="resnet (default): a small ResNet-style CNN, any stamp size; vit: a small "
+                        "Vision Transformer (8x8-pixel patches)")
+    p.add_argument("--epochs", type=int, default=50, help="passes over the training galaxies (default: 50)")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="global batch size in pairs, summed over all processes (default: 128)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="peak AdamW learning rate, after the linear warm-up and before the cosine "
+                        "decay (default: 1e-3)")
+    p.add_argument("--embed-dim", type=int, default=128,
+                   help="dimension of the embeddings (the encoder's output, before the projection "
+                        "head; default: 128)")
     p.add_argument("--norm", choices=("batch", "group"), default="batch",
-                   help="resnet normalisation; 'group' (and no BatchNorm in the projection head) "
-                        "makes CPU DDP runs match single-process ones")
-    p.add_argument("--temperature", type=float, default=0.1, help="SimCLR NT-Xent temperature")
+                   help="resnet normalisation (default: batch); 'group' (and no BatchNorm in the "
+                        "projection head) makes CPU DDP runs match single-process ones")
+    p.add_argument("--temperature", type=float, default=0.1,
+                   help="SimCLR NT-Xent temperature (default: 0.1)")
     p.add_argument("--bands", nargs="+", default=None,
                    help="band names to train on (every folder must have them); needed when "
                         "folders of different surveys have different band lists")
@@ -239,12 +253,21 @@ def _add_pretrain(sub) -> None:
                    help="set masked pixels (ivar = 0 where the stamp band has data: cosmic rays, "
                         "bad columns, star masks) to 0 before the views; recorded with the "
                         "normaliser, so embed, probe, adapt and infer do the same")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of galaxies held out for the validation loss and collapse check, "
+                        "chosen by object_id (the same galaxies in every survey); 0 <= f < 1 "
+                        "(default: 0.1)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 (or fp16) autocast on GPUs, fp32 on CPU")
-    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--no-channels-last", action="store_true",
+                   help="keep the default NCHW memory layout (channels_last is usually faster for "
+                        "convolutions, on GPUs and CPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="DataLoader worker processes reading the shards (default: 0, in the "
+                        "training process); the result does not depend on it")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, metavar="N",
+                   help="at most N steps per epoch (quick checks, timing; default: every batch)")
     p.add_argument("--augment-on", choices=("device", "loader"), default="device",
                    help="where the augmentations run. device (default): on the training device in "
                         "the training process (best with a GPU). loader: in the --num-workers "
@@ -258,9 +281,12 @@ def _add_pretrain(sub) -> None:
                         "augmentations of one image (needs --no-cross-survey with several surveys)")
     p.add_argument("--shuffle-buffer", type=int, default=1000,
                    help="--stream: items in each reader's shuffle buffer (default 1000)")
-    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, mps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: CUDA > MPS > CPU; the log says which), cpu, cuda, mps")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the weights, the pairs' order and the augmentations; the same "
+                        "seed gives the same weights on the same machine (default: 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_pretrain)
 
 
@@ -283,9 +309,12 @@ def _cmd_pretrain(args) -> int:
         args.out = Path(args.resume)
     if args.out is None:
         raise _usage("give the run folder with --out RUN (or --resume RUN to continue one)")
+    if args.max_steps_per_epoch is not None and args.max_steps_per_epoch < 1:
+        raise _usage(f"--max-steps-per-epoch must be >= 1, got {args.max_steps_per_epoch}")
     run = pretrain(args.folders, args.out, config, device=args.device, resume=bool(args.resume),
-                   progress=not args.quiet, log=_log)
-    _log(f"run saved in {run} (checkpoint.pt, config.json, metrics.csv, metrics.jsonl)")
+                   progress=not args.quiet, log=_log, max_steps_per_epoch=args.max_steps_per_epoch)
+    if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
+        _log(f"run saved in {run} (checkpoint.pt, config.json, metrics.csv, metrics.jsonl)")
     return 0
 
 
@@ -296,8 +325,9 @@ def _add_embed(sub) -> None:
     p.add_argument("folders", nargs="+", type=Path, help="shard folder(s)")
     p.add_argument("--out", required=True, type=Path, help="output .h5 file")
     p.add_argument("--device", default="cpu", help="cpu (default), auto (CUDA > MPS > CPU), cuda, cuda:N or mps")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="stamps per forward pass (memory only; default: 256)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_embed)
 
 
@@ -305,7 +335,7 @@ def _cmd_embed(args) -> int:
     from sim2obs.pretrain.evaluate import embed_folder
 
     path = embed_folder(args.run, args.folders, args.out, device=args.device,
-                        batch_size=args.batch_size, progress=not args.quiet)
+                        batch_size=args.batch_size, progress=not args.quiet, log=_log)
     _log(f"wrote {path}")
     return 0
 
@@ -354,7 +384,7 @@ def _cmd_probe(args) -> int:
     from sim2obs.pretrain.evaluate import probe_run, write_probe_json
 
     res = probe_run(args.run, args.folders, args.label, folds=args.folds, seed=args.seed,
-                    device=args.device, batch_size=args.batch_size)
+                    device=args.device, batch_size=args.batch_size, log=_log)
     n_stamps, n_galaxies = res["n_stamps"], res["n_galaxies"]
     print(f"{n_stamps} stamps of {n_galaxies} galaxies, {args.folds}-fold cross-validation "
           f"grouped by galaxy (object_id), seed {args.seed}")
@@ -581,7 +611,8 @@ def _add_gap(sub) -> None:
     p.add_argument("--n-morph", type=int, default=300,
                    help="galaxies per set for statmorph (random subset; default 300)")
     p.add_argument("--device", default="cpu", help="cpu (default), auto (CUDA > MPS > CPU), cuda, cuda:N or mps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the bootstrap, permutations and morphology subset (default: 0)")
     p.set_defaults(func=_cmd_gap)
 
 
@@ -612,7 +643,8 @@ def _add_similar(sub) -> None:
     p.add_argument("embeddings", nargs="+", type=Path, help="embeddings file(s) of `sim2obs embed`")
     p.add_argument("--query", required=True, type=int, help="object_id of the query galaxy")
     p.add_argument("-k", type=int, default=16, help="number of neighbours incl. the query (16)")
-    p.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine")
+    p.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine",
+                   help="distance between embeddings: cosine (default) or euclidean")
     p.add_argument("--backend", choices=("auto", "exact", "faiss"), default="auto",
                    help="kNN search: exact (scipy cKDTree), faiss (pip install \"sim2obs[faiss]\"), "
                         "auto = faiss above 1e5 objects when installed")
@@ -652,8 +684,10 @@ def _add_anomalies(sub) -> None:
     p.add_argument("embeddings", type=Path, help="embeddings file to rank (e.g. real)")
     p.add_argument("--reference", required=True, type=Path, help="reference embeddings (e.g. sim)")
     p.add_argument("--out", required=True, type=Path, help="ranked CSV")
-    p.add_argument("-k", type=int, default=5)
-    p.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine")
+    p.add_argument("-k", type=int, default=5,
+                   help="score = distance to the k-th nearest reference galaxy (default: 5)")
+    p.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine",
+                   help="distance between embeddings: cosine (default) or euclidean")
     p.add_argument("--backend", choices=("auto", "exact", "faiss"), default="auto",
                    help="kNN search: exact (scipy cKDTree), faiss (pip install \"sim2obs[faiss]\"), "
                         "auto = faiss above 1e5 objects when installed")

@@ -34,9 +34,10 @@ def add_adapt(sub) -> None:
     p.add_argument("--finetune", choices=("none", "last", "all"), default="none",
                    help="what trains besides bottleneck and head: none (frozen encoder, seconds), "
                         "last (last encoder stage) or all")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=30, help="passes over the source galaxies (default: 30)")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="source and target galaxies per step, each (default: 128)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
     p.add_argument("--adapter-weight", type=float, default=None,
                    help="weight of the alignment loss (default: 1, or 1000 for coral whose loss "
                         "carries 1/(4 d^2))")
@@ -47,9 +48,10 @@ def add_adapt(sub) -> None:
     p.add_argument("--blur", type=float, default=None, help="Sinkhorn blur (feature units)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="source validation fraction")
     p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, mps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initialisation, the batches and the ensemble members (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_adapt)
 
 
@@ -89,8 +91,8 @@ def add_infer(sub) -> None:
     p.add_argument("--fits", type=Path, default=None, help="also write a FITS table")
     p.add_argument("--plot", type=Path, default=None,
                    help="predicted-vs-true PNG (default: next to --out when truth exists)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto (CUDA > MPS > CPU), cuda, mps")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_infer)
 
 
@@ -133,7 +135,7 @@ def add_demo(sub) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes (under a minute on 2 idle CPU cores; used by CI)")
     p.add_argument("--method", choices=[m for m in METHODS if m != "none"], default="sinkhorn",
                    help="adapter compared with the source-only baseline (default sinkhorn)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage (default: 0)")
     p.add_argument("--workers", type=int, default=None, help="rendering processes (default: up to 2)")
     p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, mps")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -165,8 +167,11 @@ def add_benchmark(sub) -> None:
         ),
     )
     p.add_argument("name", choices=("sim2real",), help="benchmark to run")
-    p.add_argument("--out", type=Path, default=Path("bench"))
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("bench"),
+                   help="output folder; a rerun into it reuses finished stages (default: bench/)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="repetitions with other pretraining and adaptation seeds; the data are "
+                        "fixed by the protocol (default: 3)")
     p.add_argument("--methods", nargs="+", choices=[m for m in METHODS if m != "none"], default=None,
                    help="adapters to compare (default: all)")
     p.add_argument("--pretrained", type=Path, default=None,
@@ -176,11 +181,13 @@ def add_benchmark(sub) -> None:
                    help="an experiment outside the protocol: pretrain with these views instead of "
                         "the protocol's ('physical' for v3); recorded in results.json and the "
                         "results.md title")
-    p.add_argument("--no-label-efficiency", action="store_true")
+    p.add_argument("--no-label-efficiency", action="store_true",
+                   help="skip the label-efficiency curve (pretrained vs random-init encoder "
+                        "fine-tuned on 10, 100, 1000 target labels)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a result)")
     p.add_argument("--workers", type=int, default=2, help="rendering processes")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA > MPS > CPU), cpu, cuda, mps")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_benchmark)
 
 

@@ -23,6 +23,16 @@ def test_help_texts_explain(capsys):
         assert "usage: sim2obs" in text and len(text) > 300
 
 
+def test_every_option_of_every_command_is_explained():
+    """README promises that `sim2obs COMMAND --help` explains every option."""
+    import argparse
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [(name, a.option_strings or a.dest) for name, p in sub.choices.items() for a in p._actions
+            if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
+    assert bare == []
+
+
 def test_render_and_show(tiny_universe, tmp_path, capsys):
     out = tmp_path / "mocks"
     rc = main(["render", "--source", f"tng:{tiny_universe}", "--snapshot", "99", "--survey", "sdss",

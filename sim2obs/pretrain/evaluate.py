@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,15 +77,35 @@ def folder_labels(dataset: ShardDataset) -> dict[str, np.ndarray]:
     return labels
 
 
+def other_stamp_note(meta: dict, dataset: ShardDataset) -> str | None:
+    """A note when ``dataset``'s stamps differ in size from those the run was trained on
+    (``meta``: the checkpoint's metadata; None for runs that did not record it). Both encoders
+    accept any size (global pooling; the ViT interpolates its position table), but another
+    field of view shows the galaxy and its surroundings at another relative scale than the
+    encoder learned, so such embeddings are not comparable with the training set's."""
+    trained = (meta.get("data") or {}).get("stamp")
+    if trained is None or tuple(trained) == tuple(dataset.stamp):
+        return None
+    return (f"note: these stamps are {dataset.stamp[0]}x{dataset.stamp[1]} pixels but the encoder "
+            f"was trained on {trained[0]}x{trained[1]}; it runs on them, but their embeddings are "
+            f"not comparable with those of {trained[0]}x{trained[1]} stamps: render or cut the "
+            "stamps to the training size")
+
+
 def embed_folder(run_dir: str | Path, folders, out_file: str | Path, device: str = "cpu",
-                 batch_size: int = 256, progress: bool = True) -> Path:
-    """Embed every galaxy of ``folders`` with the run's encoder and write the embeddings file."""
+                 batch_size: int = 256, progress: bool = True,
+                 log: Callable[[str], None] | None = None) -> Path:
+    """Embed every galaxy of ``folders`` with the run's encoder and write the embeddings file
+    (``log`` gets a note when the stamps' size is not the training one)."""
     import h5py
 
     from sim2obs.pretrain.train import checkpoint_hash, load_encoder
 
-    encoder, normalizer, _ = load_encoder(run_dir)
+    encoder, normalizer, meta = load_encoder(run_dir)
     ds = ShardDataset(folders, bands=normalizer.bands, bands_hint=ENCODER_BANDS_HINT)
+    note = other_stamp_note(meta, ds)
+    if note and log:
+        log(note)
     emb = compute_embeddings(encoder, normalizer, ds, batch_size, device, progress)
     labels = folder_labels(ds)
     with h5py.File(ds.files[0], "r") as f:
@@ -367,13 +388,14 @@ def write_probe_json(path: str | Path, result: dict) -> Path:
 
 
 def probe_run(run_dir: str | Path, folders, labels=("log_mstar",), folds: int = 5, seed: int = 0,
-              device: str = "cpu", batch_size: int = 256) -> dict:
+              device: str = "cpu", batch_size: int = 256,
+              log: Callable[[str], None] | None = None) -> dict:
     """``sim2obs probe``: the run's encoder and a random-init one of the same architecture,
     probed for each label (:func:`probe`, folds grouped by ``object_id``), with the collapse
     checks; returns the result :func:`write_probe_json` writes (scores as :class:`ProbeScores`).
 
     The folds and the number of galaxies with each label are checked before any embedding is
-    computed."""
+    computed; ``log`` gets a note when the stamps' size is not the training one."""
     import h5py
 
     from sim2obs import __version__
@@ -384,8 +406,11 @@ def probe_run(run_dir: str | Path, folders, labels=("log_mstar",), folds: int = 
     if batch_size < 1:
         raise Sim2ObsValueError(f"--batch-size must be >= 1, got {batch_size}")
     labels = list(labels)
-    encoder, normalizer, _ = load_encoder(run_dir)
+    encoder, normalizer, meta = load_encoder(run_dir)
     ds = ShardDataset(folders, bands=normalizer.bands, bands_hint=ENCODER_BANDS_HINT)
+    note = other_stamp_note(meta, ds)
+    if note and log:
+        log(note)
     try:
         values = folder_labels(ds)
         missing = [lab for lab in labels if lab not in values]

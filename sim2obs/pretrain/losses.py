@@ -13,9 +13,9 @@ both coming from the same image. Losses are computed in float32 whatever the inp
 autocast safe).
 
 Distributed training: with ``gather=True`` and an initialised process group of more than one
-rank, embeddings are all-gathered with ``torch.distributed.nn.functional.all_gather``, which is
-differentiable (its backward sums the gradients of every rank into the local slice), so each
-rank's loss sees the global batch. With DDP's gradient averaging, the parameter gradient then
+rank, embeddings are all-gathered differentiably (:class:`_AllGather`: ``all_gather`` forward,
+its backward sums the gradients of every rank into the local slice, as the deprecated
+``torch.distributed.nn.functional.all_gather`` does), so each rank's loss sees the global batch. With DDP's gradient averaging, the parameter gradient then
 equals that of the loss over the global batch. Without ``gather`` (or in a single process),
 ``torch.distributed`` is never touched.
 """
@@ -50,6 +50,29 @@ def _distributed_world() -> tuple[int, int]:
     return 0, 1
 
 
+class _AllGather(torch.autograd.Function):
+    """``(N, D)`` on each of W ranks -> ``(W N, D)``, rank order. Backward: the gradient of the
+    gathered tensor summed over ranks (each rank's loss depends on every rank's slice), of which
+    this rank keeps its own rows -- one ``all_reduce`` (public ``torch.distributed`` API only)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.rank, ctx.n = dist.get_rank(), z.shape[0]
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, z)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()  # all_reduce works in place; autograd's own stays intact
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
 def gather_with_grad(z: Tensor) -> Tensor:
     """Concatenate ``z`` (N, D) of every rank into (world * N, D), differentiably.
 
@@ -58,9 +81,7 @@ def gather_with_grad(z: Tensor) -> Tensor:
     _, world = _distributed_world()
     if world == 1:
         return z
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(z.contiguous()), dim=0)
+    return _AllGather.apply(z.contiguous())
 
 
 class NTXentLoss(nn.Module):

@@ -111,6 +111,11 @@ class PretrainConfig:
             raise Sim2ObsValueError("precision must be auto, fp32, bf16 or fp16")
         if self.epochs < 1 or self.batch_size < 2 or not self.lr > 0:
             raise Sim2ObsValueError("need epochs >= 1, batch_size >= 2 and lr > 0")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise Sim2ObsValueError(
+                f"val_fraction (--val-fraction) is the share of galaxies held out for validation: "
+                f"0 <= it < 1, got {self.val_fraction}"
+            )
         if self.bands is not None:
             object.__setattr__(self, "bands", tuple(self.bands))
         if self.shuffle_buffer < 0:
@@ -559,7 +564,13 @@ def load_checkpoint(run_dir: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt files
-        raise Sim2ObsDataError(f"'{path}' is not a readable sim2obs checkpoint ({exc})") from exc
+        reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise Sim2ObsDataError(
+            f"'{path}' is not a readable sim2obs checkpoint: truncated or corrupt (torch.load: "
+            f"{type(exc).__name__}: {reason[:200]}). Checkpoints are written atomically, so this "
+            "file was damaged after it was written (a copy cut short, a full disk, another "
+            "program): restore it from a copy or train the run again"
+        ) from exc
 
 
 def checkpoint_hash(run_dir: str | Path) -> str:
@@ -612,7 +623,7 @@ def _generator(device: torch.device, seed: int, *keys: int) -> torch.Generator:
 
 def training_data_summary(dataset) -> dict:
     """What a run was trained on, for its checkpoint: ``bands``, training ``galaxies`` (stamps)
-    per survey and a ``fingerprint`` (SHA-1 of the bands, each shard's survey, file name and
+    per survey, the ``stamp`` size (pixels) and a ``fingerprint`` (SHA-1 of the bands, each shard's survey, file name and
     training rows, and the object ids in order): a resumed run must see the same data in the same
     order to reproduce the uninterrupted one, wherever the folders now are."""
     files = [Path(f).name for f in dataset.files]
@@ -626,7 +637,8 @@ def training_data_summary(dataset) -> dict:
         per_survey[survey] = per_survey.get(survey, 0) + int(c)
     h = hashlib.sha1(json.dumps([list(dataset.bands), list(zip(dataset.surveys, files, counts, strict=True))]).encode())
     h.update(ids)
-    return {"bands": list(dataset.bands), "galaxies": per_survey, "fingerprint": h.hexdigest()}
+    return {"bands": list(dataset.bands), "galaxies": per_survey, "stamp": list(dataset.stamp),
+            "fingerprint": h.hexdigest()}
 
 
 def _check_resumed_data(ckpt: dict, dataset, out: Path, folders) -> None:
@@ -674,6 +686,10 @@ def pretrain(
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    if log and dist_info.main:
+        what = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
+        world = f", {dist_info.world} processes" if dist_info.enabled else ""
+        log(f"device: {dev} ({what}{world}; --device {device})")
     out = Path(out_dir)
     ckpt = None
     if resume:
@@ -892,8 +908,10 @@ def pretrain(
                 "grad_scaler": scaler.state_dict(),
             })
             if log:
+                n_val = 0 if val_ds is None else len(val_ds)
                 log(f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}, val "
-                    f"{val_loss:.4f}, effective rank {eff_rank:.1f}, {row['samples_per_s']:.0f} samples/s")
+                    f"{val_loss:.4f}, effective rank {eff_rank:.1f} (of the {n_val} validation "
+                    f"galaxies' embeddings), {row['samples_per_s']:.0f} samples/s")
         if dist_info.enabled:
             torch.distributed.barrier()
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:

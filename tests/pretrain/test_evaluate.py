@@ -156,6 +156,28 @@ def test_embed_folder_writes_design_format(synthetic_folders, tmp_path):
     assert "@" in attrs["model"]
     with h5py.File(out) as f:
         assert f["labels/log_mstar"].attrs["unit"] == ""
+    lines: list[str] = []
+    embed_folder(run, [synthetic_folders[0]], tmp_path / "same.h5", progress=False, log=lines.append)
+    assert lines == []  # the training stamp size: nothing to say
+
+
+def test_other_stamp_size_gets_a_note(synthetic_folders, make_shards, tmp_path):
+    """Stamps of another size than the training ones embed (the encoder pools globally), with a
+    note naming both sizes; probe says it too."""
+    from sim2obs.pretrain.evaluate import probe_run
+
+    cfg = PretrainConfig(epochs=1, batch_size=16, embed_dim=8, proj_hidden=16, proj_dim=8,
+                         encoder_kwargs={"width": 8, "depths": [1], "stem_stride": 2})
+    run = pretrain([synthetic_folders[0]], tmp_path / "run", cfg, progress=False, max_steps_per_epoch=1)
+    small = make_shards(tmp_path / "small", n=40, stamp=24, seed=4)
+    lines: list[str] = []
+    emb, _, _ = read_embeddings(embed_folder(run, [small], tmp_path / "e.h5", progress=False,
+                                             log=lines.append))
+    assert emb.shape == (40, 8) and np.isfinite(emb).all()
+    assert len(lines) == 1 and "24x24" in lines[0] and "trained on 32x32" in lines[0]
+    lines.clear()
+    probe_run(run, [small], folds=2, log=lines.append)
+    assert len(lines) == 1 and "24x24" in lines[0]
 
 
 def test_embed_and_probe_commands(synthetic_folders, tmp_path, capsys):

@@ -435,3 +435,35 @@ def test_ddp_two_processes_match_single_process(synthetic_folders, tmp_path):
     s = [float(r["train_loss"]) for r in csv.DictReader((single / "metrics.csv").open())]
     d = [float(r["train_loss"]) for r in csv.DictReader((ddp / "metrics.csv").open())]
     np.testing.assert_allclose(d, s, rtol=2e-3)
+
+
+def test_damaged_checkpoint_and_bad_val_fraction_say_what_to_do(synthetic_folders, tmp_path):
+    run = pretrain([synthetic_folders[0]], tmp_path / "run", PretrainConfig(**{**TINY, "epochs": 1}),
+                   progress=False, max_steps_per_epoch=1)
+    data = (run / CHECKPOINT).read_bytes()
+    for damaged in (data[: len(data) // 2], b"not a checkpoint at all"):
+        (run / CHECKPOINT).write_bytes(damaged)
+        with pytest.raises(Sim2ObsDataError, match="truncated or corrupt.*restore it from a copy or "
+                                                   "train the run again"):
+            load_checkpoint(run)
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(Sim2ObsValueError, match=r"--val-fraction.*0 <= it < 1"):
+            PretrainConfig(val_fraction=bad)
+
+
+def test_cli_caps_steps_and_names_the_device(synthetic_folders, tmp_path, capsys):
+    from sim2obs.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["pretrain", str(synthetic_folders[0]), "--out", str(out), "--epochs", "1",
+                 "--batch-size", "16", "--embed-dim", "16", "--max-steps-per-epoch", "1",
+                 "--device", "auto", "--quiet"]) == 0
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["steps"]) for r in rows] == [1]
+    err = capsys.readouterr().err
+    assert "device: " in err and "--device auto" in err
+    assert "validation galaxies' embeddings" in err and "run saved in" in err
+    assert main(["pretrain", str(synthetic_folders[0]), "--out", str(tmp_path / "x"),
+                 "--max-steps-per-epoch", "0"]) == 1
+    assert "--max-steps-per-epoch must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
