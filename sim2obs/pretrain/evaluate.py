@@ -2,7 +2,8 @@
 
 * :func:`embed_folder` writes the embeddings file of DESIGN.md: ``/embeddings`` float32 (N, D),
   ``/labels/*`` copied from the shards (incl. ``object_id``), attributes ``model`` (run path and
-  checkpoint hash), ``domain``, ``survey``, ``bands``.
+  checkpoint hash), ``domain``, ``survey``, ``bands``; and ``/survey`` (N,) bytes, each row's
+  survey (with several folders one ``object_id`` appears once per survey).
 * :func:`probe` fits a ridge regression (regularisation chosen by exact leave-one-out on the
   training folds, Golub, Heath & Wahba 1979) and a k-nearest-neighbour regressor from embeddings
   to a label, with K-fold cross-validation grouped by galaxy (every stamp of one ``object_id``,
@@ -114,6 +115,9 @@ def embed_folder(run_dir: str | Path, folders, out_file: str | Path, device: str
     out_file = Path(out_file)
     with atomic_output(out_file) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("embeddings", data=emb, track_times=False)
+        # each row's survey: with several folders the same object_id appears once per survey
+        f.create_dataset("survey", data=np.asarray(ds.surveys, dtype=object)[ds.file_of].astype("S"),
+                         track_times=False)
         g = f.create_group("labels")
         for k, v in labels.items():
             d = g.create_dataset(k, data=v, track_times=False)

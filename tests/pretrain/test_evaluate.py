@@ -156,6 +156,12 @@ def test_embed_folder_writes_design_format(synthetic_folders, tmp_path):
     assert "@" in attrs["model"]
     with h5py.File(out) as f:
         assert f["labels/log_mstar"].attrs["unit"] == ""
+        assert f["survey"].shape == (96,) and set(f["survey"][()]) == {b"hsc"}
+    both = embed_folder(run, list(synthetic_folders), tmp_path / "both.h5", progress=False)
+    _, labels2, _ = read_embeddings(both)
+    with h5py.File(both) as f:  # each row's survey tells the two renderings of one id apart
+        rows = list(zip(f["survey"][()].tolist(), labels2["object_id"].tolist(), strict=True))
+    assert len(rows) == 192 and len(set(rows)) == 192 and {s for s, _ in rows} == {b"hsc", b"lsst"}
     lines: list[str] = []
     embed_folder(run, [synthetic_folders[0]], tmp_path / "same.h5", progress=False, log=lines.append)
     assert lines == []  # the training stamp size: nothing to say
