@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -642,7 +643,7 @@ def _add_similar(sub) -> None:
                                    "together); prints the neighbours and draws them.")
     p.add_argument("embeddings", nargs="+", type=Path, help="embeddings file(s) of `sim2obs embed`")
     p.add_argument("--query", required=True, type=int, help="object_id of the query galaxy")
-    p.add_argument("-k", type=int, default=16, help="number of neighbours incl. the query (16)")
+    p.add_argument("-k", type=int, default=16, help="number of neighbours incl. the query")
     p.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine",
                    help="distance between embeddings: cosine (default) or euclidean")
     p.add_argument("--backend", choices=("auto", "exact", "faiss"), default="auto",
@@ -693,7 +694,7 @@ def _add_anomalies(sub) -> None:
                         "auto = faiss above 1e5 objects when installed")
     p.add_argument("--shards", nargs="+", type=Path, default=None, help="shard folder(s) of the ranked set")
     p.add_argument("--grid", type=Path, default=None, help="PNG of the top-ranked (needs --shards)")
-    p.add_argument("--top", type=int, default=16, help="galaxies in --grid (16)")
+    p.add_argument("--top", type=int, default=16, help="galaxies in --grid")
     p.set_defaults(func=_cmd_anomalies)
 
 
@@ -746,6 +747,19 @@ def set_threads(n: int) -> None:
     threadpool_limits(limits=n)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to an option's help when it has a default and its text names none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and default not in (None, False, argparse.SUPPRESS)
+                and "default" not in text.lower()):
+            shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else default
+            text = f"{text} (default: {str(shown).replace('%', '%%')})"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sim2obs",
@@ -761,7 +775,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "their own choice, usually one per core). Set it on a shared machine "
                              "or when running several jobs at once: oversubscribed threads can "
                              "make training many times slower. Rendering workers always use one.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=functools.partial(
+        argparse.ArgumentParser, formatter_class=_HelpFormatter))
     _add_mini(sub)
     _add_render(sub)
     _add_show(sub)
@@ -799,7 +814,8 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"error: {exc}")
         return 1
     except KeyboardInterrupt:
-        _log(f"interrupted; {_after_interrupt(args)}")
+        if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
+            _log(f"interrupted; {_after_interrupt(args)}")
         return 130
 
 
@@ -811,7 +827,8 @@ def _after_interrupt(args) -> str:
     if command in ("pretrain", "adapt"):
         run = args.resume if isinstance(getattr(args, "resume", None), str) else args.out
         if run is not None and (Path(run) / "checkpoint.pt").is_file():
-            how = (f"sim2obs pretrain FOLDERS --resume {run}" if command == "pretrain"
+            folders = " ".join(str(f) for f in getattr(args, "folders", ()))
+            how = (f"sim2obs pretrain {folders} --resume {run}" if command == "pretrain"
                    else "the same sim2obs adapt command with --resume")
             return f"'{run}' holds the checkpoint of the last finished epoch: continue with `{how}`"
         return "no epoch had finished, so there is no checkpoint to resume from"

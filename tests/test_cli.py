@@ -31,6 +31,16 @@ def test_every_option_of_every_command_is_explained():
     bare = [(name, a.option_strings or a.dest) for name, p in sub.choices.items() for a in p._actions
             if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
     assert bare == []
+    # and every option that has a default states it (the formatter adds it where the text does not)
+    for name, p in sub.choices.items():
+        text = " ".join(p.format_help().split())
+        fmt = p._get_formatter()
+        for a in p._actions:
+            if a.option_strings and a.default not in (None, False, argparse.SUPPRESS):
+                assert "default" in fmt._get_help_string(a).lower(), (name, a.option_strings)
+        assert "(default: 16) (default" not in text
+    pretrain_help = " ".join(sub.choices["pretrain"].format_help().split())
+    assert "(default: 50)" in pretrain_help and "(default: auto)" in pretrain_help
 
 
 def test_render_and_show(tiny_universe, tmp_path, capsys):
@@ -201,7 +211,8 @@ def test_ctrl_c_says_what_is_kept_for_the_command(synthetic_folders, tmp_path, c
     (run / "checkpoint.pt").write_bytes(b"")
     assert main(argv) == 130
     err = capsys.readouterr().err
-    assert "last finished epoch" in err and f"--resume {run}" in err and "shards" not in err
+    assert "last finished epoch" in err and "shards" not in err
+    assert f"sim2obs pretrain {synthetic_folders[0]} --resume {run}" in err
     monkeypatch.setattr("sim2obs.gap.search.load_many", interrupted)
     assert main(["anomalies", str(tmp_path / "e.h5"), "--reference", str(tmp_path / "r.h5"),
                  "--out", str(tmp_path / "a.csv")]) == 130

@@ -562,15 +562,25 @@ def load_checkpoint(run_dir: str | Path) -> dict:
             f"no checkpoint at '{path}': train one with `sim2obs pretrain DIR --out {run_dir}`"
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt files
-        reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = str(exc).splitlines()[0] if str(exc).strip() else ""
+        if "weights_only" in str(exc) or "Weights only" in str(exc):  # torch's advice does not apply
+            reason = "it holds objects a sim2obs checkpoint does not (loading them would run code)"
         raise Sim2ObsDataError(
             f"'{path}' is not a readable sim2obs checkpoint: truncated or corrupt (torch.load: "
             f"{type(exc).__name__}: {reason[:200]}). Checkpoints are written atomically, so this "
             "file was damaged after it was written (a copy cut short, a full disk, another "
             "program): restore it from a copy or train the run again"
         ) from exc
+    missing = ([] if not isinstance(ckpt, dict) else
+               [k for k in ("model", "config", "normalizer", "encoder_config", "epoch") if k not in ckpt])
+    if not isinstance(ckpt, dict) or missing:
+        raise Sim2ObsDataError(
+            f"'{path}' is a PyTorch file but not a sim2obs run checkpoint (no {missing or 'dict'}): "
+            "pass the folder of a `sim2obs pretrain` or `sim2obs adapt` run"
+        )
+    return ckpt
 
 
 def checkpoint_hash(run_dir: str | Path) -> str:
@@ -696,10 +706,12 @@ def pretrain(
         ckpt = load_checkpoint(out)
         saved = PretrainConfig.from_dict(ckpt["config"])
         if saved != config and log and dist_info.main:
-            diff = ", ".join(f"{f.name}={getattr(saved, f.name)!r} (now {getattr(config, f.name)!r})"
+            diff = ", ".join(f"{f.name}={getattr(config, f.name)!r} (the run's: {getattr(saved, f.name)!r})"
                              for f in dataclasses.fields(saved)
                              if getattr(saved, f.name) != getattr(config, f.name))
-            log(f"resuming with the run's saved configuration (config.json): {diff}")
+            log(f"resuming with the run's saved configuration (config.json), so these options of "
+                f"the command line are ignored: {diff}. A run with other settings (e.g. more "
+                "epochs: another schedule) is a new run: --out NEW")
         config = saved  # the run's own config wins: resuming must reproduce the same run
         written = ckpt.get("sim2obs_version")
         if written and written != __version__ and log and dist_info.main:
@@ -797,7 +809,8 @@ def pretrain(
         sched.load_state_dict(ckpt["scheduler"])
         start_epoch = int(ckpt["epoch"]) + 1
         if log and dist_info.main:
-            log(f"resuming '{out}' after epoch {start_epoch} of {config.epochs}")
+            log(f"resuming '{out}' after epoch {start_epoch} of {config.epochs}" if start_epoch < config.epochs
+                else f"'{out}' has finished its {config.epochs} epochs: nothing to train")
     train_model: nn.Module = model
     if dist_info.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -908,10 +921,11 @@ def pretrain(
                 "grad_scaler": scaler.state_dict(),
             })
             if log:
-                n_val = 0 if val_ds is None else len(val_ds)
-                log(f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}, val "
-                    f"{val_loss:.4f}, effective rank {eff_rank:.1f} (of the {n_val} validation "
-                    f"galaxies' embeddings), {row['samples_per_s']:.0f} samples/s")
+                val = ("" if not math.isfinite(val_loss) else  # no validation set
+                       f", val {val_loss:.4f}, effective rank {eff_rank:.1f} (of {len(val_ds)} "
+                       "validation embeddings)")
+                log(f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}{val}, "
+                    f"{row['samples_per_s']:.0f} samples/s")
         if dist_info.enabled:
             torch.distributed.barrier()
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:

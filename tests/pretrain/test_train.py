@@ -78,6 +78,19 @@ def test_resume_says_when_the_run_started_under_another_version(synthetic_folder
     assert load_checkpoint(part)["epoch"] == 1
 
 
+def test_resume_says_which_options_it_ignores(synthetic_folders, tmp_path):
+    """--resume continues with the run's saved settings: the log names the command line's other
+    values as ignored, and a finished run says there is nothing to train."""
+    run = pretrain([synthetic_folders[0]], tmp_path / "run", PretrainConfig(**TINY), progress=False,
+                   max_steps_per_epoch=1)
+    lines: list[str] = []
+    pretrain([synthetic_folders[0]], run, PretrainConfig(**{**TINY, "epochs": 4}), progress=False,
+             resume=True, max_steps_per_epoch=1, log=lines.append)
+    text = "\n".join(lines)
+    assert "ignored: epochs=4 (the run's: 2)" in text and "nothing to train" in text
+    assert load_checkpoint(run)["epoch"] == 1
+
+
 def test_resume_refuses_other_data(synthetic_folders, tmp_path):
     """A run resumes only on the data it was trained on: other folders (here the other survey,
     with another band count that would otherwise fail deep in load_state_dict), or a subset of
@@ -446,6 +459,13 @@ def test_damaged_checkpoint_and_bad_val_fraction_say_what_to_do(synthetic_folder
         with pytest.raises(Sim2ObsDataError, match="truncated or corrupt.*restore it from a copy or "
                                                    "train the run again"):
             load_checkpoint(run)
+    torch.save({"weights": torch.zeros(2)}, run / CHECKPOINT)  # readable, but not a run's
+    with pytest.raises(Sim2ObsDataError, match=r"not a sim2obs run checkpoint.*pretrain"):
+        load_checkpoint(run)
+    torch.save({"model": {}, "x": run}, run / CHECKPOINT)  # a pickled Path: refused unpickled
+    with pytest.raises(Sim2ObsDataError, match="loading them would run code") as info:
+        load_checkpoint(run)
+    assert "weights_only" not in str(info.value)
     for bad in (1.0, 1.5, -0.1):
         with pytest.raises(Sim2ObsValueError, match=r"--val-fraction.*0 <= it < 1"):
             PretrainConfig(val_fraction=bad)
@@ -462,7 +482,7 @@ def test_cli_caps_steps_and_names_the_device(synthetic_folders, tmp_path, capsys
     assert [int(r["steps"]) for r in rows] == [1]
     err = capsys.readouterr().err
     assert "device: " in err and "--device auto" in err
-    assert "validation galaxies' embeddings" in err and "run saved in" in err
+    assert "validation embeddings)" in err and "run saved in" in err
     assert main(["pretrain", str(synthetic_folders[0]), "--out", str(tmp_path / "x"),
                  "--max-steps-per-epoch", "0"]) == 1
     assert "--max-steps-per-epoch must be >= 1" in capsys.readouterr().err
