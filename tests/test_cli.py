@@ -36,11 +36,13 @@ def test_every_option_of_every_command_is_explained():
         text = " ".join(p.format_help().split())
         fmt = p._get_formatter()
         for a in p._actions:
-            if a.option_strings and a.default not in (None, False, argparse.SUPPRESS):
+            if a.option_strings and not any(a.default is v for v in (None, False, argparse.SUPPRESS)):
                 assert "default" in fmt._get_help_string(a).lower(), (name, a.option_strings)
         assert "(default: 16) (default" not in text
     pretrain_help = " ".join(sub.choices["pretrain"].format_help().split())
     assert "(default: 50)" in pretrain_help and "(default: auto)" in pretrain_help
+    render_help = " ".join(sub.choices["render"].format_help().split())
+    assert "(default: 0)" in render_help  # --seed: a default of 0 is still a default
 
 
 def test_render_and_show(tiny_universe, tmp_path, capsys):
@@ -216,4 +218,4 @@ def test_ctrl_c_says_what_is_kept_for_the_command(synthetic_folders, tmp_path, c
     monkeypatch.setattr("sim2obs.gap.search.load_many", interrupted)
     assert main(["anomalies", str(tmp_path / "e.h5"), "--reference", str(tmp_path / "r.h5"),
                  "--out", str(tmp_path / "a.csv")]) == 130
-    assert "half-written" in capsys.readouterr().err
+    assert "may be incomplete: run the command again" in capsys.readouterr().err

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sim2obs.data.dataset import check_shard_bands, split_of
+from sim2obs.data.dataset import BANDS_HINT, check_shard_bands, split_of
 from sim2obs.data.manifest import fix_hint, open_shard, shard_entries
 from sim2obs.errors import Sim2ObsDataError, Sim2ObsValueError
 
@@ -74,12 +74,13 @@ class StreamingShardDataset(torch.utils.data.IterableDataset):
     rank, world_size : DDP position; default from ``torch.distributed`` when initialised
     partition : 'drop' (default) or 'pad', how blocks are made equal
     read_rows : rows read from a shard at a time
+    bands_hint : what the error says to do when a shard lacks some of ``bands``
     """
 
     def __init__(self, folders, bands=None, split: str = "all", val_fraction: float = 0.1,
                  split_seed: int = 0, label_keys=(), shuffle_buffer: int = 1000, seed: int = 0,
                  shuffle: bool = True, rank: int | None = None, world_size: int | None = None,
-                 partition: str = "drop", read_rows: int = 256):
+                 partition: str = "drop", read_rows: int = 256, bands_hint: str = BANDS_HINT):
         super().__init__()
         if isinstance(folders, str | Path):
             folders = [folders]
@@ -118,7 +119,7 @@ class StreamingShardDataset(torch.utils.data.IterableDataset):
             for path, entry in entries:
                 if not self.bands:
                     self.bands, first = tuple(entry.bands), (str(path), tuple(entry.bands))
-                check_shard_bands(path, entry.bands, self.bands, first)
+                check_shard_bands(path, entry.bands, self.bands, first, bands_hint)
                 if stamp is None:
                     stamp = entry.stamp
                 elif entry.stamp != stamp:

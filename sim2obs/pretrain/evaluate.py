@@ -84,7 +84,7 @@ def other_stamp_note(meta: dict, dataset: ShardDataset) -> str | None:
     accept any size (global pooling; the ViT interpolates its position table), but another
     field of view shows the galaxy and its surroundings at another relative scale than the
     encoder learned, so such embeddings are not comparable with the training set's."""
-    trained = (meta.get("data") or {}).get("stamp")
+    trained = (meta.get("data") or {}).get("stamp") or meta.get("stamp")  # pretrain | adapt run
     if trained is None or tuple(trained) == tuple(dataset.stamp):
         return None
     return (f"note: these stamps are {dataset.stamp[0]}x{dataset.stamp[1]} pixels but the encoder "

@@ -33,7 +33,6 @@ import copy
 import csv
 import dataclasses
 import functools
-import hashlib
 import itertools
 import json
 import math
@@ -47,16 +46,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from sim2obs._atomic import atomic_output
 from sim2obs.data.dataset import Normalizer, ShardDataset, estimated_ivar
-from sim2obs.errors import Sim2ObsDataError, Sim2ObsFileNotFoundError, Sim2ObsValueError
+from sim2obs.errors import Sim2ObsDataError, Sim2ObsValueError
+from sim2obs.pretrain.checkpoint import (  # noqa: F401  (re-exported: the run API)
+    CHECKPOINT,
+    check_resumed_data,
+    checkpoint_hash,
+    load_checkpoint,
+    save_checkpoint,
+    training_data_summary,
+)
 
 METHODS = ("simclr", "vicreg")
 #: Where the augmentations run: on the training device in the main process, or in the DataLoader.
 AUGMENT_ON = ("device", "loader")
 #: Augmentation pipelines (:func:`build_augment`); 'physical' is the chain before 'reobserve'.
 AUGMENT_PRESETS = ("reobserve", "reobserve-rotate", "physical", "geometric", "none")
-CHECKPOINT = "checkpoint.pt"
 
 #: Default encoder for CPU-friendly runs: a 4-stage ResNet, 16 base channels, stride-2 stem.
 DEFAULT_ENCODER_KWARGS = {"width": 16, "depths": [1, 1, 1, 1], "stem_stride": 2}
@@ -548,45 +553,6 @@ def _collate(batch):
 # Checkpoints
 # --------------------------------------------------------------------------------------------
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Atomic ``torch.save``: temporary file in the same folder, then rename."""
-    with atomic_output(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_checkpoint(run_dir: str | Path) -> dict:
-    """Load ``RUN/checkpoint.pt`` safely (``weights_only=True``)."""
-    path = Path(run_dir) / CHECKPOINT
-    if not path.is_file():
-        raise Sim2ObsFileNotFoundError(
-            f"no checkpoint at '{path}': train one with `sim2obs pretrain DIR --out {run_dir}`"
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt files
-        reason = str(exc).splitlines()[0] if str(exc).strip() else ""
-        if "weights_only" in str(exc) or "Weights only" in str(exc):  # torch's advice does not apply
-            reason = "it holds objects a sim2obs checkpoint does not (loading them would run code)"
-        raise Sim2ObsDataError(
-            f"'{path}' is not a readable sim2obs checkpoint: truncated or corrupt (torch.load: "
-            f"{type(exc).__name__}: {reason[:200]}). Checkpoints are written atomically, so this "
-            "file was damaged after it was written (a copy cut short, a full disk, another "
-            "program): restore it from a copy or train the run again"
-        ) from exc
-    missing = ([] if not isinstance(ckpt, dict) else
-               [k for k in ("model", "config", "normalizer", "encoder_config", "epoch") if k not in ckpt])
-    if not isinstance(ckpt, dict) or missing:
-        raise Sim2ObsDataError(
-            f"'{path}' is a PyTorch file but not a sim2obs run checkpoint (no {missing or 'dict'}): "
-            "pass the folder of a `sim2obs pretrain` or `sim2obs adapt` run"
-        )
-    return ckpt
-
-
-def checkpoint_hash(run_dir: str | Path) -> str:
-    return hashlib.sha256((Path(run_dir) / CHECKPOINT).read_bytes()).hexdigest()[:16]
-
-
 def load_encoder(run_dir: str | Path) -> tuple[nn.Module, Normalizer, dict]:
     """Encoder (eval mode, CPU), its normaliser and the checkpoint's metadata."""
     from sim2obs import encoders
@@ -631,45 +597,6 @@ def _generator(device: torch.device, seed: int, *keys: int) -> torch.Generator:
     return g
 
 
-def training_data_summary(dataset) -> dict:
-    """What a run was trained on, for its checkpoint: ``bands``, training ``galaxies`` (stamps)
-    per survey, the ``stamp`` size (pixels) and a ``fingerprint`` (SHA-1 of the bands, each shard's survey, file name and
-    training rows, and the object ids in order): a resumed run must see the same data in the same
-    order to reproduce the uninterrupted one, wherever the folders now are."""
-    files = [Path(f).name for f in dataset.files]
-    if hasattr(dataset, "file_of"):  # ShardDataset: the rows of the training split
-        counts = np.bincount(dataset.file_of, minlength=len(files)).tolist()
-        ids = np.ascontiguousarray(dataset.object_id, dtype=np.int64).tobytes()
-    else:  # StreamingShardDataset: its training rows per shard
-        counts, ids = [int(c) for c in dataset.counts], b""
-    per_survey: dict[str, int] = {}
-    for survey, c in zip(dataset.surveys, counts, strict=True):
-        per_survey[survey] = per_survey.get(survey, 0) + int(c)
-    h = hashlib.sha1(json.dumps([list(dataset.bands), list(zip(dataset.surveys, files, counts, strict=True))]).encode())
-    h.update(ids)
-    return {"bands": list(dataset.bands), "galaxies": per_survey, "stamp": list(dataset.stamp),
-            "fingerprint": h.hexdigest()}
-
-
-def _check_resumed_data(ckpt: dict, dataset, out: Path, folders) -> None:
-    """Refuse to resume a run on other data than it was trained on (other folders, bands, split):
-    the result would not be the run's, and a different band count would fail deep in torch."""
-    saved = ckpt.get("data")
-    now = training_data_summary(dataset)
-    if saved is None:  # older checkpoints record the bands only
-        same = list(ckpt.get("bands", now["bands"])) == now["bands"]
-        saved = {"bands": list(ckpt.get("bands", [])), "galaxies": "?"}
-    else:
-        same = saved["fingerprint"] == now["fingerprint"]
-    if not same:
-        raise Sim2ObsValueError(
-            f"'{out}' was trained on bands {saved['bands']} with {saved['galaxies']} training "
-            f"galaxies per survey, but {[str(f) for f in folders]} give bands {now['bands']} with "
-            f"{now['galaxies']}: resume with the run's own folders, in the same order (listed in "
-            f"{out / 'config.json'}), or start a new run with another --out"
-        )
-
-
 def pretrain(
     folders: list[str | Path],
     out_dir: str | Path,
@@ -705,14 +632,23 @@ def pretrain(
     if resume:
         ckpt = load_checkpoint(out)
         saved = PretrainConfig.from_dict(ckpt["config"])
-        if saved != config and log and dist_info.main:
-            diff = ", ".join(f"{f.name}={getattr(config, f.name)!r} (the run's: {getattr(saved, f.name)!r})"
-                             for f in dataclasses.fields(saved)
-                             if getattr(saved, f.name) != getattr(config, f.name))
-            log(f"resuming with the run's saved configuration (config.json), so these options of "
-                f"the command line are ignored: {diff}. A run with other settings (e.g. more "
-                "epochs: another schedule) is a new run: --out NEW")
+        default = PretrainConfig()  # values left at their defaults were not asked for: not listed
+        asked = [f.name for f in dataclasses.fields(saved)
+                 if getattr(config, f.name) != getattr(saved, f.name)
+                 and getattr(config, f.name) != getattr(default, f.name)]
+        cap = ckpt.get("max_steps_per_epoch", max_steps_per_epoch)
+        if asked and log and dist_info.main:
+            diff = ", ".join(f"{k}={getattr(config, k)!r} (the run's: {getattr(saved, k)!r})" for k in asked)
+            log(f"resuming with the run's saved configuration (config.json), so these settings "
+                f"are ignored: {diff}. A run with other settings (e.g. more epochs: another "
+                "schedule) is a new run: --out NEW")
+        if cap != max_steps_per_epoch and log and dist_info.main:
+            log(f"resuming with the run's steps per epoch ({'all batches' if cap is None else f'at most {cap}'}"
+                f"; asked: {max_steps_per_epoch}): the schedule depends on it")
+        max_steps_per_epoch = cap  # the schedule depends on it
         config = saved  # the run's own config wins: resuming must reproduce the same run
+        if config.bands is None and ckpt.get("bands"):  # the bands it took from its first folder
+            config = dataclasses.replace(config, bands=tuple(ckpt["bands"]))
         written = ckpt.get("sim2obs_version")
         if written and written != __version__ and log and dist_info.main:
             log(f"this run's checkpoint was written by sim2obs {written}; it continues with "
@@ -724,11 +660,17 @@ def pretrain(
         )
     torch.manual_seed(config.seed)
 
+    resume_hint = (None if ckpt is None else "this run was trained on other data: resume with the "
+                   f"run's own folders (listed in {out / 'config.json'}), or start a new run with "
+                   "another --out")
+    hint = {} if resume_hint is None else {"bands_hint": resume_hint}
     if config.stream:
-        train_ds = _streaming_train_set(folders, config, dist_info)
+        train_ds = _streaming_train_set(folders, config, dist_info, **hint)
     else:
         train_ds = ShardDataset(folders, bands=config.bands, split="train",
-                                val_fraction=config.val_fraction, split_seed=config.split_seed)
+                                val_fraction=config.val_fraction, split_seed=config.split_seed, **hint)
+    if ckpt is not None:
+        check_resumed_data(ckpt, train_ds, out, folders)
     val_ds = None
     if config.val_fraction > 0:
         try:
@@ -747,8 +689,6 @@ def pretrain(
             f"only {len(train_ds)} training galaxies for a batch of {world_batch}; render more or "
             "lower --batch-size"
         )
-    if ckpt is not None:
-        _check_resumed_data(ckpt, train_ds, out, folders)
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no empty folder
     normalizer = (Normalizer.from_dict(ckpt["normalizer"]) if ckpt else dataclasses.replace(
         Normalizer.from_noise(train_ds), zero_masked=config.zero_masked))
@@ -918,10 +858,11 @@ def pretrain(
                 "scheduler": sched.state_dict(), "epoch": epoch, "config": config.to_dict(),
                 "normalizer": normalizer.to_dict(), "encoder_config": encoder.config(),
                 "bands": list(train_ds.bands), "data": data_summary, "sim2obs_version": __version__,
+                "max_steps_per_epoch": max_steps_per_epoch,
                 "grad_scaler": scaler.state_dict(),
             })
             if log:
-                val = ("" if not math.isfinite(val_loss) else  # no validation set
+                val = ("" if val_ds is None or len(val_ds) < 2 else
                        f", val {val_loss:.4f}, effective rank {eff_rank:.1f} (of {len(val_ds)} "
                        "validation embeddings)")
                 log(f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}{val}, "
@@ -934,7 +875,7 @@ def pretrain(
     return out
 
 
-def _streaming_train_set(folders, config: PretrainConfig, dist_info: DistInfo):
+def _streaming_train_set(folders, config: PretrainConfig, dist_info: DistInfo, **kwargs):
     """The ``--stream`` training set: this rank's share of the shards, shuffled through a buffer
     (positive pairs are two augmentations of the same image)."""
     from sim2obs.data.streaming import StreamingShardDataset
@@ -942,7 +883,7 @@ def _streaming_train_set(folders, config: PretrainConfig, dist_info: DistInfo):
     ds = StreamingShardDataset(folders, bands=config.bands, split="train",
                                val_fraction=config.val_fraction, split_seed=config.split_seed,
                                shuffle_buffer=config.shuffle_buffer, seed=config.seed,
-                               rank=dist_info.rank, world_size=dist_info.world)
+                               rank=dist_info.rank, world_size=dist_info.world, **kwargs)
     if config.cross_survey and len(set(ds.surveys)) > 1:
         raise Sim2ObsValueError(
             "--stream pairs two augmentations of the same image; pairing a galaxy with its "

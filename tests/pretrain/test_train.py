@@ -89,6 +89,17 @@ def test_resume_says_which_options_it_ignores(synthetic_folders, tmp_path):
     text = "\n".join(lines)
     assert "ignored: epochs=4 (the run's: 2)" in text and "nothing to train" in text
     assert load_checkpoint(run)["epoch"] == 1
+    assert "bands=" not in text  # a setting left at its default was not asked for: not listed
+
+    # the cap on steps per epoch is the run's too (the schedule depends on it)
+    part = pretrain([synthetic_folders[0]], tmp_path / "part", PretrainConfig(**TINY), progress=False,
+                    max_steps_per_epoch=1, stop_after_epoch=1)
+    lines.clear()
+    pretrain([synthetic_folders[0]], part, PretrainConfig(**TINY), progress=False, resume=True,
+             log=lines.append)
+    assert any("at most 1; asked: None" in line for line in lines), lines
+    rows = list(csv.DictReader((part / "metrics.csv").open()))
+    assert [int(r["steps"]) for r in rows] == [1, 2]
 
 
 def test_resume_refuses_other_data(synthetic_folders, tmp_path):
@@ -118,8 +129,21 @@ def test_resume_refuses_other_data(synthetic_folders, tmp_path):
     ckpt = load_checkpoint(one)
     del ckpt["data"]
     torch.save(ckpt, one / CHECKPOINT)
-    with pytest.raises(Sim2ObsValueError, match=r"bands \['g', 'r', 'i', 'z'\].*give bands \['g', 'r', 'i'\]"):
+    with pytest.raises(Sim2ObsValueError, match=r"without \['z'\].*trained on other data: resume with"):
         pretrain([synthetic_folders[0]], one, PretrainConfig(**TINY), progress=False, resume=True)
+
+    # a run of sim2obs 0.2.0 on two folders without --bands (it took the first folder's bands,
+    # recorded in the checkpoint): resumes, on the bands it was trained on
+    old = pretrain(list(synthetic_folders), tmp_path / "old", cfg, progress=False, stop_after_epoch=1,
+                   max_steps_per_epoch=1)
+    ckpt = load_checkpoint(old)
+    ckpt["config"]["bands"] = None
+    for key in ("data", "max_steps_per_epoch"):
+        del ckpt[key]
+    torch.save(ckpt, old / CHECKPOINT)
+    pretrain(list(synthetic_folders), old, PretrainConfig(**TINY), progress=False, resume=True,
+             max_steps_per_epoch=1)
+    assert load_checkpoint(old)["epoch"] == 1 and load_checkpoint(old)["bands"] == ["g", "r", "i"]
 
 
 def test_refused_run_leaves_no_folder(synthetic_folders, tmp_path):
@@ -456,16 +480,16 @@ def test_damaged_checkpoint_and_bad_val_fraction_say_what_to_do(synthetic_folder
     data = (run / CHECKPOINT).read_bytes()
     for damaged in (data[: len(data) // 2], b"not a checkpoint at all"):
         (run / CHECKPOINT).write_bytes(damaged)
-        with pytest.raises(Sim2ObsDataError, match="truncated or corrupt.*restore it from a copy or "
-                                                   "train the run again"):
+        with pytest.raises(Sim2ObsDataError, match="truncated, corrupt or not a PyTorch file.*restore it "
+                                                   "from a copy or train the run again"):
             load_checkpoint(run)
     torch.save({"weights": torch.zeros(2)}, run / CHECKPOINT)  # readable, but not a run's
     with pytest.raises(Sim2ObsDataError, match=r"not a sim2obs run checkpoint.*pretrain"):
         load_checkpoint(run)
     torch.save({"model": {}, "x": run}, run / CHECKPOINT)  # a pickled Path: refused unpickled
-    with pytest.raises(Sim2ObsDataError, match="loading them would run code") as info:
+    with pytest.raises(Sim2ObsDataError, match="loading them could run code") as info:
         load_checkpoint(run)
-    assert "weights_only" not in str(info.value)
+    assert "weights_only" not in str(info.value) and "was damaged" not in str(info.value)
     for bad in (1.0, 1.5, -0.1):
         with pytest.raises(Sim2ObsValueError, match=r"--val-fraction.*0 <= it < 1"):
             PretrainConfig(val_fraction=bad)
