@@ -93,6 +93,19 @@ def other_stamp_note(meta: dict, dataset: ShardDataset) -> str | None:
             "stamps to the training size")
 
 
+def _encoder_and_shards(run_dir: str | Path, folders, log: Callable[[str], None] | None):
+    """``(encoder, normaliser, shards)``: the run's encoder and the shards to embed, read in its
+    bands; ``log`` gets a note when the stamps' size is not the training one."""
+    from sim2obs.pretrain.train import load_encoder
+
+    encoder, normalizer, meta = load_encoder(run_dir)
+    ds = ShardDataset(folders, bands=normalizer.bands, bands_hint=ENCODER_BANDS_HINT)
+    note = other_stamp_note(meta, ds)
+    if note and log:
+        log(note)
+    return encoder, normalizer, ds
+
+
 def embed_folder(run_dir: str | Path, folders, out_file: str | Path, device: str = "cpu",
                  batch_size: int = 256, progress: bool = True,
                  log: Callable[[str], None] | None = None) -> Path:
@@ -100,13 +113,9 @@ def embed_folder(run_dir: str | Path, folders, out_file: str | Path, device: str
     (``log`` gets a note when the stamps' size is not the training one)."""
     import h5py
 
-    from sim2obs.pretrain.train import checkpoint_hash, load_encoder
+    from sim2obs.pretrain.train import checkpoint_hash
 
-    encoder, normalizer, meta = load_encoder(run_dir)
-    ds = ShardDataset(folders, bands=normalizer.bands, bands_hint=ENCODER_BANDS_HINT)
-    note = other_stamp_note(meta, ds)
-    if note and log:
-        log(note)
+    encoder, normalizer, ds = _encoder_and_shards(run_dir, folders, log)
     emb = compute_embeddings(encoder, normalizer, ds, batch_size, device, progress)
     labels = folder_labels(ds)
     with h5py.File(ds.files[0], "r") as f:
@@ -303,7 +312,7 @@ def check_folds(folds: int, n_groups: int | None = None, label: str = "") -> Non
         )
 
 
-def group_folds(groups: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+def group_folds(groups: np.ndarray, folds: int, seed: int = 0, label: str = "") -> np.ndarray:
     """Fold index (0 .. folds-1) of every row, whole groups at a time.
 
     The distinct values of ``groups`` (galaxies: ``object_id``), numbered in order of first
@@ -312,11 +321,12 @@ def group_folds(groups: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
     ``floor`` or ``ceil`` of ``n_groups / folds`` groups each, and the assignment is a function
     of ``(groups, folds, seed)``. With one row per group this is the ordinary shuffled K-fold
     split: with ``perm = default_rng(seed).permutation(N)``, row ``perm[m]`` is in fold
-    ``m mod folds``.
+    ``m mod folds``. Raises :func:`check_folds`'s error (naming ``label``) when there are fewer
+    groups than folds.
     """
     _, first, inv = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
     n_groups = len(first)
-    check_folds(folds, n_groups)
+    check_folds(folds, n_groups, label)
     rank = np.empty(n_groups, dtype=int)
     rank[np.argsort(first, kind="stable")] = np.arange(n_groups)  # order of first appearance
     perm = np.random.default_rng(seed).permutation(n_groups)
@@ -340,7 +350,7 @@ def probe(embeddings: np.ndarray, y: np.ndarray, label: str, folds: int = 5, see
     group. Raises :class:`Sim2ObsValueError` if ``folds`` < 2 or there are fewer groups with a
     finite ``y`` than folds. Returns ``{"linear": scores, "knn": scores}``.
     """
-    check_folds(folds)
+    check_folds(folds)  # before the data are looked at
     if k < 1:
         raise Sim2ObsValueError(f"probe: k (kNN neighbours) must be >= 1, got {k}")
     y = np.asarray(y, dtype=np.float64)
@@ -352,8 +362,7 @@ def probe(embeddings: np.ndarray, y: np.ndarray, label: str, folds: int = 5, see
         raise Sim2ObsValueError(f"probe: {len(groups)} groups for {len(ok)} rows")
     else:
         groups = np.asarray(groups)[ok]
-    check_folds(folds, len(np.unique(groups)), label)
-    fold_of = group_folds(groups, folds, seed)
+    fold_of = group_folds(groups, folds, seed, label)
     preds = {"linear": np.empty_like(y), "knn": np.empty_like(y)}
     for f in range(folds):
         tr, te = fold_of != f, fold_of == f
@@ -404,17 +413,13 @@ def probe_run(run_dir: str | Path, folders, labels=("log_mstar",), folds: int = 
 
     from sim2obs import __version__
     from sim2obs.pretrain.losses import effective_rank, embedding_std
-    from sim2obs.pretrain.train import checkpoint_hash, load_encoder
+    from sim2obs.pretrain.train import checkpoint_hash
 
     check_folds(folds)  # before anything is loaded
     if batch_size < 1:
         raise Sim2ObsValueError(f"--batch-size must be >= 1, got {batch_size}")
     labels = list(labels)
-    encoder, normalizer, meta = load_encoder(run_dir)
-    ds = ShardDataset(folders, bands=normalizer.bands, bands_hint=ENCODER_BANDS_HINT)
-    note = other_stamp_note(meta, ds)
-    if note and log:
-        log(note)
+    encoder, normalizer, ds = _encoder_and_shards(run_dir, folders, log)
     try:
         values = folder_labels(ds)
         missing = [lab for lab in labels if lab not in values]
