@@ -91,11 +91,11 @@ def training_data_summary(dataset) -> dict:
             "fingerprint": h.hexdigest()}
 
 
-def check_resumed_data(ckpt: dict, dataset, out: Path, folders) -> None:
+def check_resumed_data(ckpt: dict, now: dict, out: Path, folders) -> None:
     """Refuse to resume a run on other data than it was trained on (other folders, bands, split):
-    the result would not be the run's, and a different band count would fail deep in torch."""
+    the result would not be the run's, and a different band count would fail deep in torch.
+    ``now``: :func:`training_data_summary` of the data given for the resumed run."""
     saved = ckpt.get("data")
-    now = training_data_summary(dataset)
     if saved is None:  # older checkpoints record the bands only
         same = list(ckpt.get("bands", now["bands"])) == now["bands"]
         saved = {"bands": list(ckpt.get("bands", [])), "galaxies": "?"}

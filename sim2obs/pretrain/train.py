@@ -660,17 +660,17 @@ def pretrain(
         )
     torch.manual_seed(config.seed)
 
-    resume_hint = (None if ckpt is None else "this run was trained on other data: resume with the "
-                   f"run's own folders (listed in {out / 'config.json'}), or start a new run with "
-                   "another --out")
-    hint = {} if resume_hint is None else {"bands_hint": resume_hint}
+    hint = {} if ckpt is None else {"bands_hint": (
+        f"this run was trained on other data: resume with the run's own folders (listed in "
+        f"{out / 'config.json'}), or start a new run with another --out")}
     if config.stream:
         train_ds = _streaming_train_set(folders, config, dist_info, **hint)
     else:
         train_ds = ShardDataset(folders, bands=config.bands, split="train",
                                 val_fraction=config.val_fraction, split_seed=config.split_seed, **hint)
+    data_summary = training_data_summary(train_ds)
     if ckpt is not None:
-        check_resumed_data(ckpt, train_ds, out, folders)
+        check_resumed_data(ckpt, data_summary, out, folders)
     val_ds = None
     if config.val_fraction > 0:
         try:
@@ -763,7 +763,6 @@ def pretrain(
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
     if ckpt is not None and ckpt.get("grad_scaler"):  # fp16 runs: the loss scale goes on
         scaler.load_state_dict(ckpt["grad_scaler"])
-    data_summary = training_data_summary(train_ds)
     if dist_info.main:
         (out / "config.json").write_text(json.dumps(
             {"config": config.to_dict(), "folders": [str(f) for f in folders],
