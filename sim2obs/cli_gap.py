@@ -79,7 +79,7 @@ def add_similar(sub) -> None:
 
 
 def _cmd_similar(args) -> int:
-    from sim2obs.gap.search import shards_by_id, similar
+    from sim2obs.gap.search import similar
 
     if args.out is not None and not args.shards:
         raise _usage("--out needs --shards (the folders holding the images)")
@@ -89,14 +89,8 @@ def _cmd_similar(args) -> int:
     for i, r in enumerate(rows):
         print(f"{i},{r['object_id']},{r['distance']:.6g},{r['file']}")
     if args.out is not None:
-        from sim2obs.plots import image_grid
-
-        shard = shards_by_id(args.shards, [r["object_id"] for r in rows])
-        if shard is None:
-            raise _usage(f"none of the neighbours is in {[str(s) for s in args.shards]}")
-        image_grid(shard, args.out, n=len(shard), per_band=False,
-                   title=f"{len(shard)} nearest to object {args.query} ({args.metric})")
-        _log(f"wrote {args.out}")
+        _write_grid(args.shards, [r["object_id"] for r in rows], args.out, "neighbours",
+                    lambda n: f"{n} nearest to object {args.query} ({args.metric})")
     return 0
 
 
@@ -122,7 +116,7 @@ def add_anomalies(sub) -> None:
 
 
 def _cmd_anomalies(args) -> int:
-    from sim2obs.gap.search import anomalies, load_many, shards_by_id
+    from sim2obs.gap.search import anomalies, load_many
 
     if args.grid is not None and not args.shards:
         raise _usage("--grid needs --shards (the folders holding the images)")
@@ -138,13 +132,18 @@ def _cmd_anomalies(args) -> int:
             f.write(f"{rank},{int(ids[i])},{res['knn_distance'][i]:.6g},{res['score'][i]:.6g}\n")
     _log(f"wrote {args.out} ({len(ids)} galaxies ranked against {len(ref)} reference galaxies)")
     if args.grid is not None:
-        from sim2obs.plots import image_grid
-
-        top = [int(ids[i]) for i in res["order"][: args.top]]
-        shard = shards_by_id(args.shards, top)
-        if shard is None:
-            raise _usage(f"none of the top-ranked is in {[str(s) for s in args.shards]}")
-        image_grid(shard, args.grid, n=len(shard), per_band=False,
-                   title=f"top {len(shard)} anomalies (kNN distance to {args.reference.name})")
-        _log(f"wrote {args.grid}")
+        _write_grid(args.shards, [int(ids[i]) for i in res["order"][: args.top]], args.grid,
+                    "top-ranked", lambda n: f"top {n} anomalies (kNN distance to {args.reference.name})")
     return 0
+
+
+def _write_grid(shards, object_ids, path, what: str, title) -> None:
+    """PNG grid of the galaxies ``object_ids`` found in ``shards``; ``title(n)`` for n found."""
+    from sim2obs.gap.search import shards_by_id
+    from sim2obs.plots import image_grid
+
+    shard = shards_by_id(shards, object_ids)
+    if shard is None:
+        raise _usage(f"none of the {what} is in {[str(s) for s in shards]}")
+    image_grid(shard, path, n=len(shard), per_band=False, title=title(len(shard)))
+    _log(f"wrote {path}")
