@@ -64,31 +64,56 @@ def test_normalizer_from_noise(synthetic_folders):
         Normalizer(("g",), (0.0,))
 
 
-def test_fast_arcsinh_is_within_two_ulp_of_float64():
-    """The Normalizer's arcsinh from vectorised kernels: within 2 float32 ulp of the exact value
-    over 0 and subnormals, the noise range, bright cores and overflow; inf, -inf and nan map as
-    torch.asinh does; the sign is kept (asinh is odd)."""
-    from sim2obs.data.dataset import _asinh_elementwise
+@pytest.fixture(params=["numpy-simd", "torch-elementwise"])
+def asinh_path(request, monkeypatch):
+    """Both CPU arcsinh paths of the Normalizer, whichever this machine picks by itself."""
+    from sim2obs.data import dataset
+
+    monkeypatch.setattr(dataset, "numpy_asinh_vectorised", lambda dtype_name: request.param == "numpy-simd")
+    return request.param
+
+
+def test_fast_arcsinh_is_within_two_ulp_of_float64(asinh_path):
+    """The Normalizer's CPU arcsinh (numpy's SIMD kernel or torch's vectorised elementwise
+    kernels): within 2 float32 ulp of the exact value over 0 and subnormals, the noise range,
+    bright cores and overflow; inf, -inf and nan map as torch.asinh does; the sign is kept
+    (asinh is odd)."""
+    from sim2obs.data.dataset import asinh_cpu_
 
     mags = torch.cat([torch.tensor([0.0, 1e-45, 1e-38, 1e-20, 1e-8, 1.0, 3e19, 1e30, 1.7e38]),
                       torch.logspace(-30, 38, 20001, dtype=torch.float64).float(),
                       torch.linspace(0, 20, 20001)])
     x = torch.cat([mags, -mags])
-    got = _asinh_elementwise(x)
+    got = asinh_cpu_(x.clone())
     exact = torch.asinh(x.double())
     ulp = (torch.nextafter(exact.float().abs(), torch.tensor(float("inf"))) - exact.float().abs()).double()
     err = ((got.double() - exact).abs() / ulp.clamp(min=2.0**-149))
     assert err.max().item() <= 2.0, x[err.argmax()].item()
     assert torch.equal(torch.signbit(got), torch.signbit(x))
     special = torch.tensor([float("inf"), float("-inf"), float("nan")])
-    torch.testing.assert_close(_asinh_elementwise(special), torch.asinh(special), equal_nan=True)
+    torch.testing.assert_close(asinh_cpu_(special.clone()), torch.asinh(special), equal_nan=True)
+    x64 = torch.linspace(-1e3, 1e3, 4001, dtype=torch.float64)
+    torch.testing.assert_close(asinh_cpu_(x64.clone()), torch.asinh(x64), rtol=1e-15, atol=0)
+
+
+def test_numpy_simd_path_is_a_fixed_choice_per_dtype():
+    """The path is decided once per dtype from numpy's dispatch table (the same answer on every
+    call, so a run's bytes cannot change mid-run); only float32/float64 are candidates."""
+    from sim2obs.data.dataset import numpy_asinh_vectorised
+
+    for name in ("float32", "float64"):
+        assert numpy_asinh_vectorised(name) is numpy_asinh_vectorised(name)
+        assert isinstance(numpy_asinh_vectorised(name), bool)
+    assert numpy_asinh_vectorised("float16") is False
 
 
 @pytest.mark.parametrize("shape", [(37, 5, 64, 64), (300, 3, 15, 15), (1, 5, 64, 64), (0, 3, 8, 8), (5, 8, 8)])
-def test_normalizer_in_slices_gives_the_one_pass_values(shape):
-    """The CPU stretch runs in slices of samples (a multiple of 64 elements each): the same
-    values as one pass on one thread, for batches that are not a multiple of the slice, odd stamp
-    sizes, one sample, an empty batch, 3-D input and channels_last input; the input is untouched."""
+def test_normalizer_in_slices_gives_the_one_pass_values(shape, asinh_path):
+    """The CPU stretch gives the values of one pass over the whole batch on one thread --
+    whether numpy's kernel runs over the batch in place or torch's kernels run in slices of
+    samples (a multiple of 64 elements each) -- for batches that are not a multiple of the
+    slice, odd stamp sizes, one sample, an empty batch, 3-D input and channels_last input, on
+    one or two threads; the input is untouched."""
     from sim2obs.data.dataset import _asinh_elementwise
 
     bands = tuple("abcde"[: shape[-3]])
@@ -98,11 +123,18 @@ def test_normalizer_in_slices_gives_the_one_pass_values(shape):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ref = _asinh_elementwise(x / torch.tensor(norm.scale_nmgy).view(-1, 1, 1))
+        y = x / torch.tensor(norm.scale_nmgy).view(-1, 1, 1)
+        ref = (torch.from_numpy(np.arcsinh(y.numpy())) if asinh_path == "numpy-simd"
+               else _asinh_elementwise(y))
         got = norm(x)
     finally:
         torch.set_num_threads(threads)
     assert got.shape == x.shape and torch.equal(got, ref) and torch.equal(x, keep)
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(norm(x), ref)
+    finally:
+        torch.set_num_threads(threads)
     if len(shape) == 4 and shape[0] > 0:
         cl = norm(x.contiguous(memory_format=torch.channels_last))
         torch.testing.assert_close(cl, ref, rtol=0, atol=0)
