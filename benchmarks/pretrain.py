@@ -38,17 +38,8 @@ from conftest import make_synthetic_shards  # noqa: E402  (synthetic shards with
 from sim2obs import encoders  # noqa: E402
 from sim2obs.data.dataset import Normalizer, ShardDataset  # noqa: E402
 from sim2obs.pretrain.losses import NTXentLoss  # noqa: E402
-from sim2obs.pretrain.train import (  # noqa: E402
-    LoaderViews,
-    PairDataset,
-    PretrainConfig,
-    SSLModel,
-    _collate,
-    autocast_dtype,
-    build_augment,
-    prepare_views,
-    pretrain,
-)
+from sim2obs.pretrain.train import PretrainConfig, SSLModel, autocast_dtype, pretrain  # noqa: E402
+from sim2obs.pretrain.views import LoaderViews, PairDataset, _collate, build_augment, prepare_views  # noqa: E402
 
 
 def bare_loop(x: torch.Tensor, cfg: PretrainConfig, steps: int, device: torch.device) -> float:

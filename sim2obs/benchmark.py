@@ -241,7 +241,7 @@ def run_benchmark(out: str | Path, seeds: int = 3, methods=None, quick: bool = F
     log = log or (lambda s: None)
     protocol = dict(PROTOCOL)
     if pretrain_augment is not None:
-        from sim2obs.pretrain.train import AUGMENT_PRESETS
+        from sim2obs.pretrain.views import AUGMENT_PRESETS
 
         if pretrain_augment not in AUGMENT_PRESETS:
             raise Sim2ObsValueError(f"pretrain_augment must be one of {list(AUGMENT_PRESETS)}, "
