@@ -34,7 +34,7 @@ status=0
 
     echo "== 2. GPU-only tests"
     "$py" -m pytest -q -p no:cacheprovider --import-mode=importlib -rs \
-        tests/pretrain/test_train.py tests/pretrain/test_reobserve.py tests/pretrain/test_augment.py \
+        tests/pretrain/test_train.py tests/pretrain/test_reobserve.py tests/pretrain/test_augment.py tests/pretrain/test_observing.py \
         -k "cuda or gpu or local_rank" || status=1
 
     echo "== 3. pretraining throughput (CPU and GPU rows)"

@@ -2,10 +2,10 @@
 with the pixel noise of the view at the level the new observation would have.
 
 The physical augmentations of :mod:`sim2obs.pretrain.augment` each act on the image as it is,
-noise included: :class:`~sim2obs.pretrain.augment.PSFDegrade` smooths the noise along with the
+noise included: :class:`~sim2obs.pretrain.observing.PSFDegrade` smooths the noise along with the
 galaxy (an extra Gaussian of sigma ~1.3 px keeps ~1/(4 pi sigma^2) ~ 5 % of white-noise
 variance: the noise sigma drops to ~0.2-0.3 of the data's for HSC seeing), and
-:class:`~sim2obs.pretrain.augment.GalacticReddening` dims it with the galaxy (sky noise is not
+:class:`~sim2obs.pretrain.observing.GalacticReddening` dims it with the galaxy (sky noise is not
 behind the dust). Chained, they make views several times *deeper* than the data, so an encoder
 trained on them learns on cleaner images than it will embed. :class:`Reobserve` draws the same
 three effects and then adds one white-noise field that brings every pixel's noise variance to the
@@ -26,20 +26,22 @@ from torch import Tensor
 from sim2obs.errors import Sim2ObsValueError
 from sim2obs.pretrain.augment import (
     Augmentation,
-    GalacticReddening,
-    NoiseResample,
-    PSFDegrade,
     RandomRotation,
     _check_batch,
     _like,
     _randn,
     _uniform,
     _work_dtype,
-    check_ivar_shape,
     gaussian_kernel,
-    noise_sigma,
     toeplitz,
     toeplitz_row_power,
+)
+from sim2obs.pretrain.observing import (
+    GalacticReddening,
+    NoiseResample,
+    PSFDegrade,
+    check_ivar_shape,
+    noise_sigma,
 )
 
 __all__ = ["Reobserve", "bilinear_kept_variance"]
@@ -110,9 +112,9 @@ class Reobserve(Augmentation):
 
     Per sample (draws from ``generator`` in this order): a noise factor ``s ~ U(noise_factor)``,
     a seeing factor ``f ~ U(seeing_factor)`` (extra Gaussian of sigma ``s_in sqrt(f^2 - 1)`` per
-    band, as :class:`~sim2obs.pretrain.augment.PSFDegrade`; skipped without ``fwhm_in_pix``),
+    band, as :class:`~sim2obs.pretrain.observing.PSFDegrade`; skipped without ``fwhm_in_pix``),
     ``E(B-V) ~ U(0, ebv_max)`` (band factors ``d_b = 10^(-0.4 R_b E(B-V))``, as
-    :class:`~sim2obs.pretrain.augment.GalacticReddening`; skipped without
+    :class:`~sim2obs.pretrain.observing.GalacticReddening`; skipped without
     ``extinction_coeffs``), a sub-pixel shift ``(dx, dy) ~ U(-max_shift, max_shift)^2`` (with
     ``max_shift > 0``), then one N(0, 1) field ``eps``:
 

@@ -222,6 +222,7 @@ def build_augment(config: PretrainConfig, dataset: ShardDataset,
     size, which carries redshift and mass.
     """
     from sim2obs.pretrain import augment as A
+    from sim2obs.pretrain import observing as O
 
     geometric = [A.RandomRot90Flip(), A.RandomShift(max_shift=1.0)]
     if config.augment == "none":
@@ -242,11 +243,11 @@ def build_augment(config: PretrainConfig, dataset: ShardDataset,
         return A.Compose([Reobserve(fwhm, coeffs, seeing_factor=(1.0, 1.3), ebv_max=0.05,
                                     noise_factor=(1.0, 1.5), rotate=rotate, max_shift=1.0),
                           A.RandomRot90Flip()])
-    physical: list = [A.NoiseResample(factor_range=(1.0, 1.5))]  # 'physical'
+    physical: list = [O.NoiseResample(factor_range=(1.0, 1.5))]  # 'physical'
     if fwhm is not None:
-        physical.append(A.PSFDegrade(fwhm, max_factor=1.3))
+        physical.append(O.PSFDegrade(fwhm, max_factor=1.3))
     if coeffs is not None:
-        physical.append(A.GalacticReddening(coeffs, ebv_max=0.05))
+        physical.append(O.GalacticReddening(coeffs, ebv_max=0.05))
     return A.Compose(physical + geometric)
 
 
@@ -293,7 +294,7 @@ def _extinction_coefficients(survey: str, bands: tuple[str, ...]):
     (real data under its own name) or without the 'extinction' package."""
     from sim2obs.errors import Sim2ObsError
     from sim2obs.forward_models.surveys import get_survey
-    from sim2obs.pretrain.augment import extinction_coefficients
+    from sim2obs.pretrain.observing import extinction_coefficients
 
     try:
         spec = get_survey(survey).with_bands(bands)
