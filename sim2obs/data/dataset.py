@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -121,12 +122,14 @@ def _asinh_elementwise(y):
 @cache
 def numpy_asinh_vectorised(dtype_name: str) -> bool:
     """Whether numpy evaluates ``arcsinh`` for ``dtype_name`` ('float32' or 'float64') with a
-    SIMD kernel on this CPU (numpy >= 2.0's ``numpy.lib.introspect.opt_func_info``: a dispatch
-    target other than the baseline -- on x86-64 Linux with AVX-512, Intel's SVML, within 1 ulp
-    and ~5x faster on one thread than :func:`_asinh_elementwise`; measured 1.9 vs 10 ms for
-    2.6 M float32). Elsewhere numpy calls the C library once per element, slower than torch's
-    vectorised kernels. Fixed per machine and numpy build, so a run's bytes do not depend on it
-    changing between calls."""
+    SIMD kernel on this machine: Linux (numpy links Intel's SVML only there) and a dispatch
+    target other than the baseline in numpy >= 2.0's ``numpy.lib.introspect.opt_func_info``
+    (x86-64 with AVX-512: within 1 ulp and ~3x faster on one thread than
+    :func:`_asinh_elementwise`; measured 3 vs 10 ms for 2.6 M float32). Elsewhere numpy calls
+    the C library once per element, slower than torch's vectorised kernels. Fixed per machine
+    and numpy build, so a run's bytes cannot change between calls."""
+    if not sys.platform.startswith("linux"):
+        return False
     try:
         from numpy.lib.introspect import opt_func_info
     except ImportError:  # numpy < 2.0: no dispatch information
@@ -142,14 +145,28 @@ def numpy_asinh_vectorised(dtype_name: str) -> bool:
     return bool(current) and not current.startswith("baseline")
 
 
+def _numpy_view(y):
+    """``y``'s memory as a writable numpy array, or None where numpy must not touch it: a tensor
+    subclass (export's fake tensors), under ``torch.jit.trace`` (the result would be baked into
+    the trace as a constant) or ``torch.compile``, or one without plain storage (``vmap``)."""
+    import torch
+
+    if type(y) is not torch.Tensor or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return None
+    try:
+        return y.numpy()
+    except (RuntimeError, TypeError):
+        return None
+
+
 def asinh_cpu_(y):
     """``asinh`` of a float32/float64 CPU tensor (no autograd) **in place**, by the fastest exact
     path this machine has: numpy's SIMD ``arcsinh`` (:func:`numpy_asinh_vectorised`) on the
     tensor's memory, else :func:`_asinh_elementwise` in cache-sized slices. Both are within
     2 ulp of the exact value (tested) and give each element a value that does not depend on its
     position, the slicing or the number of threads. Returns ``y``."""
-    if numpy_asinh_vectorised(str(y.dtype).removeprefix("torch.")):
-        a = y.numpy()
+    a = _numpy_view(y)  # first: under torch.compile nothing of numpy is looked at
+    if a is not None and numpy_asinh_vectorised(str(y.dtype).removeprefix("torch.")):
         np.arcsinh(a, out=a)
         return y
     step = _chunk_samples(y)

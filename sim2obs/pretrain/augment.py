@@ -55,10 +55,14 @@ from sim2obs.errors import Sim2ObsValueError
 #: FWHM = 2 sqrt(2 ln 2) sigma for a Gaussian.
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
+#: the observing-condition augmentations, loaded from sim2obs.pretrain.observing on first use
+_OBSERVING_PUBLIC = ("PSFDegrade", "NoiseResample", "GalacticReddening", "RedshiftDimming",
+                     "extinction_coefficients")
+
 __all__ = [
     "Augmentation", "Compose", "RandomRot90Flip", "RandomRotation", "RandomShift",
-    "RandomCropResize", "gaussian_kernel", "toeplitz", "toeplitz_row_power",
-]  # the observing-condition augmentations: sim2obs.pretrain.observing.__all__
+    "RandomCropResize", *_OBSERVING_PUBLIC, "gaussian_kernel", "toeplitz", "toeplitz_row_power",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,8 +496,8 @@ class RandomCropResize(Augmentation):
 # Observing-condition augmentations live in sim2obs.pretrain.observing; importable from here too
 # --------------------------------------------------------------------------------------------
 
-_OBSERVING = ("PSFDegrade", "NoiseResample", "GalacticReddening", "RedshiftDimming",
-              "extinction_coefficients", "check_ivar_shape", "noise_sigma")
+_OBSERVING = (*_OBSERVING_PUBLIC, "check_ivar_shape", "noise_sigma",
+              "_reset_pad_cache")  # the last: PSFDegrade's load hook, named in pickles before 0.2.2
 
 
 def __getattr__(name: str):
@@ -505,3 +509,7 @@ def __getattr__(name: str):
 
         return getattr(observing, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_OBSERVING})

@@ -107,6 +107,65 @@ def test_numpy_simd_path_is_a_fixed_choice_per_dtype():
     assert numpy_asinh_vectorised("float16") is False
 
 
+def test_numpy_simd_path_reads_numpys_dispatch_table(monkeypatch):
+    """The decision itself, on faked dispatch tables: SIMD only where numpy dispatches arcsinh of
+    that dtype to a non-baseline target, on Linux (numpy links SVML only there); a missing entry,
+    an introspection error or another platform mean torch's kernels."""
+    pytest.importorskip("numpy.lib.introspect")
+    import numpy.lib.introspect as introspect
+
+    from sim2obs.data.dataset import numpy_asinh_vectorised
+
+    decide = numpy_asinh_vectorised.__wrapped__  # without the per-process cache
+    tables = {
+        "simd": {"arcsinh": {"ff": {"current": "X86_V4", "available": "X86_V4 baseline(X86_V2)"},
+                             "dd": {"current": "baseline(X86_V2)", "available": "baseline(X86_V2)"}}},
+        "empty": {},
+    }
+    monkeypatch.setattr("sys.platform", "linux")
+    monkeypatch.setattr(introspect, "opt_func_info", lambda func_name=None, signature=None: tables["simd"])
+    assert decide("float32") is True and decide("float64") is False and decide("float16") is False
+    monkeypatch.setattr(introspect, "opt_func_info", lambda func_name=None, signature=None: tables["empty"])
+    assert decide("float32") is False
+
+    def broken(func_name=None, signature=None):
+        raise ValueError("a future numpy changed the API")
+
+    monkeypatch.setattr(introspect, "opt_func_info", broken)
+    assert decide("float32") is False
+    monkeypatch.setattr(introspect, "opt_func_info", lambda func_name=None, signature=None: tables["simd"])
+    for platform in ("darwin", "win32"):
+        monkeypatch.setattr("sys.platform", platform)
+        assert decide("float32") is False
+
+
+def test_stretch_under_trace_export_compile_and_vmap():
+    """Where numpy must not run -- a traced graph would keep its output as a constant, export
+    and compile see fake tensors, vmap tensors have no plain storage -- the stretch takes torch's
+    kernels and gives the eager values."""
+    import warnings
+
+    norm = Normalizer(("g", "r"), (1.0, 2.0))
+
+    class Stretch(torch.nn.Module):
+        def forward(self, t):
+            return norm(t) * 2
+
+    x = torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    x2 = torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    eager = Stretch()(x2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(Stretch(), x)
+    torch.testing.assert_close(traced(x2), eager)  # not x's values baked in
+    torch.testing.assert_close(torch.export.export(Stretch(), (x,)).module()(x2), eager)
+    torch.testing.assert_close(torch.func.vmap(norm)(x2), eager / 2)
+    compiled = torch.compile(Stretch(), backend="eager", fullgraph=True)  # no graph break either
+    torch.testing.assert_close(compiled(x2), eager)
+    with torch.inference_mode():
+        torch.testing.assert_close(norm(x2), eager / 2)
+
+
 @pytest.mark.parametrize("shape", [(37, 5, 64, 64), (300, 3, 15, 15), (1, 5, 64, 64), (0, 3, 8, 8), (5, 8, 8)])
 def test_normalizer_in_slices_gives_the_one_pass_values(shape, asinh_path):
     """The CPU stretch gives the values of one pass over the whole batch on one thread --

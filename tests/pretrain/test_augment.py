@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from stamps import (  # tests/stamps.py (pytest's pythonpath)
+from stamp_helpers import (  # tests/helpers (pytest's pythonpath)
     S,
     fwhm_from_moments,
     gaussian,
@@ -232,6 +232,10 @@ def test_observing_augmentations_are_importable_from_augment():
     from sim2obs.pretrain import observing
 
     for name in observing.__all__:
-        assert getattr(A, name) is getattr(observing, name)
+        assert getattr(A, name) is getattr(observing, name) and name in dir(A)
+    star = {}
+    exec("from sim2obs.pretrain.augment import *", star)  # as before the split: all augmentations
+    assert {"PSFDegrade", "NoiseResample", "GalacticReddening", "RedshiftDimming", "RandomShift"} <= set(star)
+    assert A._reset_pad_cache is observing._reset_pad_cache  # named in pickled PSFDegrade modules
     with pytest.raises(AttributeError, match="no attribute 'PSFDegrad'"):
         A.PSFDegrad  # noqa: B018

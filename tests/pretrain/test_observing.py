@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from stamps import S, fwhm_from_moments, gaussian, gen  # tests/stamps.py (pytest's pythonpath)
+from stamp_helpers import S, fwhm_from_moments, gaussian, gen  # tests/helpers (pytest's pythonpath)
 
 from sim2obs.errors import MissingDependencyError, Sim2ObsValueError
 from sim2obs.pretrain.augment import FWHM_PER_SIGMA, Compose

@@ -1,6 +1,6 @@
 """Test helpers for stamp-level physics checks: analytic Gaussian sources, image moments, a seeded
 generator. On ``sys.path`` through pytest's ``pythonpath`` (pyproject.toml), so test files import
-them as ``from stamps import gaussian``."""
+them as ``from stamp_helpers import gaussian``."""
 
 from __future__ import annotations
 
