@@ -25,9 +25,10 @@ Flux calibration (first that applies; the values used are recorded in the shard'
 (x1e9/3631); ``MAGZERO``/``MAGZP``/``ZEROPNT`` (f = counts 10^(-0.4 (ZP - 22.5)));
 ``FLUXMAG0`` (ZP = 2.5 log10 FLUXMAG0); HST ``PHOTFLAM`` with ``PHOTPLAM`` (AB ZP =
 -2.5 log10 PHOTFLAM + PHOTZPT - 5 log10 PHOTPLAM + 18.692, PHOTZPT = -21.10 by default).
-Without any of these the file is refused unless ``uncalibrated=True``.
+Without any of these the file is refused unless ``uncalibrated=True``
+(:mod:`sim2obs.data.calibration`, with the constants' sources).
 
-Resampling (when the pixel scale differs from the target survey's, or the stamp size differs): the
+Resampling (:mod:`sim2obs.data.resample`; when the pixel scale differs from the target survey's, or the stamp size differs): the
 image is an ``galsim.InterpolatedImage`` (normalization='flux') recentred on the brightest source
 near the centre and drawn at the target scale (method 'no_pixel' when upsampling, 'auto' -- i.e.
 integrated over the new pixel -- when downsampling), so total flux is conserved. The variance map
@@ -40,7 +41,6 @@ cropped/padded by whole pixels around the brightest source (exact). Everything i
 from __future__ import annotations
 
 import glob
-import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -48,11 +48,21 @@ from pathlib import Path
 
 import numpy as np
 
+from sim2obs.data.calibration import (  # noqa: F401  (re-exported: the 0.2 import path)
+    NJY_PER_NMGY,
+    flux_scale,
+    hst_ab_zeropoint,
+    zeropoint_to_nmgy,
+)
+from sim2obs.data.resample import (  # noqa: F401  (re-exported: the 0.2 import path)
+    _crop,
+    _regrid_band,
+    brightest_near_centre,
+    resample_flux,
+)
 from sim2obs.data.shards import Shard, ShardAttrs, shard_filename, write_shard
 from sim2obs.errors import Sim2ObsDataError, Sim2ObsFileNotFoundError
 
-NJY_PER_NMGY = 3631.0
-_PHOTZPT_DEFAULT = -21.10
 _ROLE_TOKENS = {
     "IVAR": "ivar", "INVVAR": "ivar", "WHT": "ivar", "WEIGHT": "ivar", "WEIGHTS": "ivar",
     "VAR": "var", "VARIANCE": "var",
@@ -97,67 +107,6 @@ def require_calibrated(obj) -> None:
             f"{where}: fluxes are not calibrated (flux_unit='{attrs.flux_unit}', calibrated="
             f"{calibrated}); this step needs calibrated nanomaggies. {note}".strip()
         )
-
-
-# ----------------------------------------------------------------------------------------------
-# flux calibration
-# ----------------------------------------------------------------------------------------------
-
-def zeropoint_to_nmgy(zp: float) -> float:
-    """Multiplier from counts with AB zeropoint ``zp`` to nanomaggies: 10^(-0.4 (zp - 22.5))."""
-    return 10 ** (-0.4 * (float(zp) - 22.5))
-
-
-def hst_ab_zeropoint(photflam: float, photplam: float, photzpt: float = _PHOTZPT_DEFAULT) -> float:
-    """AB zeropoint of an HST image in counts/s from PHOTFLAM (erg/s/cm^2/Å per count/s) and the
-    pivot wavelength PHOTPLAM (Å): ZP_ST = -2.5 log10 PHOTFLAM + PHOTZPT, then
-    ZP_AB = ZP_ST - 5 log10 PHOTPLAM + 18.692."""
-    return -2.5 * math.log10(photflam) + photzpt - 5 * math.log10(photplam) + 18.692
-
-
-def flux_scale(lookup, zeropoint: float | None = None) -> tuple[float, dict]:
-    """(multiplier to nanomaggies, record of what was used) from header keywords.
-
-    ``lookup(key)`` returns a header value or None. Raises :class:`LookupError` when no known
-    convention applies (the caller names the file).
-    """
-    if zeropoint is not None:
-        return zeropoint_to_nmgy(zeropoint), {"method": "user zeropoint", "zeropoint": float(zeropoint)}
-    bunit = lookup("BUNIT")
-    if bunit is not None:
-        unit = str(bunit).strip().lower().replace(" ", "")
-        factors = {"nanomaggy": 1.0, "nanomaggies": 1.0, "nmgy": 1.0,
-                   "njy": 1 / NJY_PER_NMGY, "nanojansky": 1 / NJY_PER_NMGY,
-                   "ujy": 1e3 / NJY_PER_NMGY, "microjy": 1e3 / NJY_PER_NMGY,
-                   "jy": 1e9 / NJY_PER_NMGY}
-        if unit in factors:
-            return factors[unit], {"method": "BUNIT", "BUNIT": str(bunit)}
-    for key in ("MAGZERO", "MAGZP", "ZEROPNT", "ZP"):
-        val = lookup(key)
-        if val is not None:
-            return zeropoint_to_nmgy(float(val)), {"method": key, key: float(val)}
-    val = lookup("FLUXMAG0")
-    if val is not None:
-        if not float(val) > 0:
-            raise LookupError(f"FLUXMAG0 = {val} is not positive")
-        zp = 2.5 * math.log10(float(val))
-        return zeropoint_to_nmgy(zp), {"method": "FLUXMAG0", "FLUXMAG0": float(val), "zeropoint": zp}
-    photflam = lookup("PHOTFLAM")
-    if photflam is not None:
-        plam = lookup("PHOTPLAM")
-        if plam is None:
-            raise LookupError("PHOTFLAM without PHOTPLAM (pivot wavelength): cannot form an AB "
-                              "zeropoint; pass --zeropoint")
-        zpt = lookup("PHOTZPT")
-        zpt = _PHOTZPT_DEFAULT if zpt is None else float(zpt)
-        zp = hst_ab_zeropoint(float(photflam), float(plam), zpt)
-        return zeropoint_to_nmgy(zp), {"method": "PHOTFLAM", "PHOTFLAM": float(photflam),
-                                       "PHOTPLAM": float(plam), "PHOTZPT": zpt, "zeropoint": zp}
-    raise LookupError(
-        f"no flux calibration in the header (BUNIT={bunit!r}; no MAGZERO, MAGZP, FLUXMAG0 or "
-        "PHOTFLAM+PHOTPLAM): pass --zeropoint ZP (22.5 if the pixels are already nanomaggies), "
-        "or --uncalibrated"
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,80 +441,6 @@ def _finish_band(bd: BandData, opts: IngestOptions, where: str) -> None:
         bd.prov["ivar_estimated"] = True
     bd.ivar = np.where(bad, 0.0, bd.ivar)
     bd.image = img
-
-
-# ----------------------------------------------------------------------------------------------
-# resampling and recentring
-# ----------------------------------------------------------------------------------------------
-
-def brightest_near_centre(image: np.ndarray, radius_frac: float = 0.25) -> tuple[int, int]:
-    """(y, x) of the brightest smoothed pixel within ``radius_frac`` of the stamp size of the centre."""
-    from scipy.ndimage import gaussian_filter
-
-    sm = gaussian_filter(np.nan_to_num(image), 1.5)
-    h, w = sm.shape
-    r = max(2, int(radius_frac * min(h, w)))
-    cy, cx = h // 2, w // 2
-    sub = sm[max(0, cy - r):cy + r + 1, max(0, cx - r):cx + r + 1]
-    iy, ix = np.unravel_index(np.argmax(sub), sub.shape)
-    return int(iy + max(0, cy - r)), int(ix + max(0, cx - r))
-
-
-def _crop(arr: np.ndarray, centre: tuple[int, int], stamp: int, fill: float = 0.0) -> np.ndarray:
-    out = np.full((stamp, stamp), fill, dtype=np.float64)
-    y0, x0 = centre[0] - stamp // 2, centre[1] - stamp // 2
-    ys, xs = max(0, y0), max(0, x0)
-    ye, xe = min(arr.shape[0], y0 + stamp), min(arr.shape[1], x0 + stamp)
-    if ye > ys and xe > xs:
-        out[ys - y0:ye - y0, xs - x0:xe - x0] = arr[ys:ye, xs:xe]
-    return out
-
-
-def resample_flux(arr: np.ndarray, scale_in: float, scale_out: float, stamp: int,
-                  centre: tuple[float, float], interpolant: str = "quintic") -> np.ndarray:
-    """Flux-conserving resampling with ``galsim.InterpolatedImage``: pixel ``centre`` (y, x) of
-    ``arr`` lands on pixel (stamp//2, stamp//2) of the output."""
-    import galsim
-
-    h, w = arr.shape
-    ii = galsim.InterpolatedImage(galsim.Image(np.ascontiguousarray(arr, dtype=np.float64), scale=scale_in),
-                                  normalization="flux", x_interpolant=interpolant,
-                                  calculate_stepk=False, calculate_maxk=False)
-    dx = (centre[1] - (w - 1) / 2) * scale_in
-    dy = (centre[0] - (h - 1) / 2) * scale_in
-    method = "auto" if scale_out > scale_in else "no_pixel"
-    img = ii.shift(-dx, -dy).drawImage(nx=stamp, ny=stamp, scale=scale_out, method=method,
-                                       use_true_center=False)
-    return img.array.astype(np.float64)
-
-
-def _regrid_band(bd: BandData, scale_out: float, stamp: int, centre, psf_stamp: int) -> None:
-    area = (scale_out / bd.pixel_scale) ** 2
-    if abs(bd.pixel_scale - scale_out) <= 1e-4 * scale_out:
-        bd.image = _crop(bd.image, centre, stamp)
-        bd.ivar = _crop(bd.ivar, centre, stamp)  # outside the input: ivar 0
-        bd.prov["regrid"] = {"kind": "crop/pad (whole pixels)", "centre_yx": list(centre), "stamp": stamp}
-        return
-    bad = bd.ivar <= 0
-    var = np.where(bad, 0.0, 1.0 / np.where(bad, 1.0, bd.ivar))
-    if np.any(~bad):
-        var[bad] = np.median(var[~bad])
-    img = resample_flux(bd.image, bd.pixel_scale, scale_out, stamp, centre)
-    var_out = resample_flux(var, bd.pixel_scale, scale_out, stamp, centre)
-    bad_out = resample_flux(bad.astype(float), bd.pixel_scale, scale_out, stamp, centre) / area
-    cover = resample_flux(np.ones_like(var), bd.pixel_scale, scale_out, stamp, centre) / area
-    ok = (bad_out < 1e-3) & (cover > 0.999) & (var_out > 0)
-    bd.ivar = np.where(ok, 1.0 / np.where(ok, var_out, 1.0), 0.0)
-    bd.image = np.where(cover > 1e-3, img, 0.0)
-    rec = {"kind": "galsim.InterpolatedImage(normalization='flux')", "from_arcsec": bd.pixel_scale,
-           "to_arcsec": scale_out, "stamp": stamp, "centre_yx": [int(c) for c in centre],
-           "ivar": "variance resampled flux-conservingly like the image (noise per area kept; correlations ignored)"}
-    if bd.psf is not None:
-        p = resample_flux(bd.psf, bd.pixel_scale, scale_out, psf_stamp,
-                          ((bd.psf.shape[0] - 1) / 2, (bd.psf.shape[1] - 1) / 2))
-        bd.psf = p / p.sum()
-    bd.prov["regrid"] = rec
-    bd.pixel_scale = scale_out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ Geometry. GalSim treats the galaxy as centred on the image's true centre ((n - 1
 the same convention as the mocks. Each image is cut/padded to ``--stamp`` (default 64) keeping
 that centre: by whole pixels when the native and target scales match and the size difference is
 even (exact), otherwise with the flux-conserving resampler of :mod:`sim2obs.data.ingest`
-(:func:`resample_flux`, ``galsim.InterpolatedImage``), which also converts to the survey's pixel
+(:func:`~sim2obs.data.resample.resample_flux`, ``galsim.InterpolatedImage``), which also converts to the survey's pixel
 scale when it differs. The PSF image is brought to ``--psf-stamp`` pixels at the survey's scale
 the same way and normalised to sum 1 (the fraction of the native PSF flux inside the stamp is
 recorded). Everything used is recorded in the shard's ``config``.
@@ -43,20 +43,19 @@ from pathlib import Path
 
 import numpy as np
 
+from sim2obs.data.calibration import zeropoint_to_nmgy
 from sim2obs.data.ingest import (
     BandData,
     IngestError,
     IngestOptions,
     RawObject,
-    _crop,
     _opts_record,
     _Skips,
     _survey,
     assemble,
-    resample_flux,
     write_ingested,
-    zeropoint_to_nmgy,
 )
+from sim2obs.data.resample import _crop, resample_flux
 from sim2obs.errors import Sim2ObsFileNotFoundError
 
 COSMOS_F814W_ZEROPOINT = 25.94

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sim2obs.data.calibration import flux_scale
 from sim2obs.data.ingest import (
     BandData,
     IngestError,
@@ -28,7 +29,6 @@ from sim2obs.data.ingest import (
     _Skips,
     _survey,
     assemble,
-    flux_scale,
     write_ingested,
 )
 from sim2obs.errors import Sim2ObsFileNotFoundError
