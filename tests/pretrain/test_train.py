@@ -262,6 +262,28 @@ def test_bf16_channels_last_run(synthetic_folders, tmp_path):
     assert np.isfinite(float(next(csv.DictReader((run / "metrics.csv").open()))["train_loss"]))
 
 
+@pytest.mark.slow
+def test_compiled_run_matches_eager_and_saves_plain_weights(synthetic_folders, tmp_path):
+    """--compile: the same run through torch.compile (inductor on the CPU) has the eager run's
+    training and validation losses (to 1e-5: fused kernels round differently), and its
+    checkpoint holds the plain model's keys (no '_orig_mod.' prefix), so embed/probe and an eager
+    --resume load it. (Weights are not compared element by element: AdamW's first steps move a
+    parameter by ~lr times the sign of its gradient, which rounding flips where that is ~0.)"""
+    cfg = PretrainConfig(**{**TINY, "epochs": 1, "precision": "fp32", "channels_last": False})
+    runs = {}
+    for name, compile_ in (("eager", False), ("compiled", True)):
+        runs[name] = pretrain([synthetic_folders[0]], tmp_path / name, dataclasses_replace(cfg, compile=compile_),
+                              progress=False, max_steps_per_epoch=2)
+    rows = {k: next(csv.DictReader((run / "metrics.csv").open())) for k, run in runs.items()}
+    for col in ("train_loss", "val_loss"):
+        assert float(rows["compiled"][col]) == pytest.approx(float(rows["eager"][col]), rel=1e-5), col
+    eager, compiled = (load_checkpoint(runs[k]) for k in ("eager", "compiled"))
+    assert eager["model"].keys() == compiled["model"].keys()
+    assert compiled["config"]["compile"] is True
+    encoder, _, _ = load_encoder(runs["compiled"])
+    assert sum(p.numel() for p in encoder.parameters()) > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_amp_run(synthetic_folders, tmp_path):
     run = pretrain([synthetic_folders[0]], tmp_path / "gpu", PretrainConfig(**{**TINY, "epochs": 1}),
