@@ -303,3 +303,50 @@ def test_same_bands_in_another_order(synthetic_folders, make_shards, tmp_path):
     ref = ShardDataset(other, bands=("g", "r", "i"))
     last = len(ds) - 1
     np.testing.assert_array_equal(ds.raw(last)["image"], ref.raw(len(ref) - 1)["image"])
+
+
+def test_memory_mapped_reads_give_h5pys_bytes(make_shards, tmp_path):
+    """Images and ivar are read through numpy memory maps where HDF5 stores them contiguously
+    (how write_shard writes them) and through h5py otherwise -- chunked + gzip, big-endian
+    floats, no ivar -- with the same values either way, for single items and batches in any
+    order (repeats included); a pickled dataset (a DataLoader worker's copy) holds no maps."""
+    import h5py
+
+    from sim2obs.data.dataset import mapped_dataset
+
+    folder = make_shards(tmp_path / "plain", n=40, bands=("g", "r", "i"), seed=4, shard_size=16)
+    ds = ShardDataset(folder, bands=("i", "g"))
+    files = sorted(folder.glob("*.h5"))
+    with h5py.File(files[0], "r") as f:
+        assert isinstance(mapped_dataset(files[0], f["images"]), np.ndarray)
+        expect = {key: f[key][()][:, [2, 0]] for key in ("images", "ivar")}
+    # other layouts: the same shards rewritten chunked + compressed, big-endian, without ivar
+    variants = {"gzip": dict(chunks=True, compression="gzip"), "bigendian": dict(dtype=">f4"), "noivar": {}}
+    for name, opts in variants.items():
+        out = tmp_path / name
+        out.mkdir()
+        for path in files:
+            with h5py.File(path, "r") as src, h5py.File(out / path.name, "w") as dst:
+                for key in src:
+                    if key in ("images", "ivar") and name != "noivar":
+                        data = src[key][()]
+                        dst.create_dataset(key, data=data.astype(opts.get("dtype", data.dtype)),
+                                           **{k: v for k, v in opts.items() if k != "dtype"})
+                    elif not (name == "noivar" and key == "ivar"):
+                        src.copy(src[key], dst, name=key)
+                dst.attrs.update(src.attrs)
+        if name == "gzip":
+            with h5py.File(out / files[0].name, "r") as f:
+                assert mapped_dataset(out / files[0].name, f["images"]) is None
+        other = ShardDataset(out, bands=("i", "g"))
+        order = [5, 3, 39, 3, 0, 17]
+        img, iv = other.raw_many(order)
+        assert img.dtype == iv.dtype == np.float32 and img.shape == (6, 2, 32, 32)
+        np.testing.assert_array_equal(img, ds.raw_many(order)[0])
+        if name != "noivar":
+            np.testing.assert_array_equal(iv, ds.raw_many(order)[1])
+        np.testing.assert_array_equal(other.raw(3)["image"], ds.raw(3)["image"])
+    np.testing.assert_array_equal(ds.raw(2)["image"], expect["images"][2])
+    np.testing.assert_array_equal(ds.raw(2)["ivar"], expect["ivar"][2])
+    np.testing.assert_array_equal(ds.raw_many([2, 1])[1], expect["ivar"][[2, 1]])
+    assert ds._arrays and not pickle.loads(pickle.dumps(ds))._arrays
