@@ -64,7 +64,7 @@ def bare_loop(x: torch.Tensor, cfg: PretrainConfig, steps: int, device: torch.de
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             _, z1 = model(v1)
             _, z2 = model(v2)
-            loss = loss_fn(z1.float(), z2.float())
+        loss = loss_fn(z1.float(), z2.float())  # float32, outside autocast, as pretrain does
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -103,7 +103,8 @@ def loader_rate(folder: Path, cfg: PretrainConfig, steps: int, device: torch.dev
     loader = torch.utils.data.DataLoader(PairDataset(ds, True, 0, views=views), batch_size=cfg.batch_size,
                                          shuffle=True, drop_last=True, collate_fn=_collate,
                                          num_workers=cfg.num_workers)
-    g = torch.Generator().manual_seed(0)
+    # on a GPU the noise fields are drawn there, from a CUDA generator, as pretrain draws them
+    g = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(0)
     n, t = 0, 0.0
     for i, (a, b) in enumerate(loader):
         if views is None:
@@ -117,6 +118,8 @@ def loader_rate(folder: Path, cfg: PretrainConfig, steps: int, device: torch.dev
         n += cfg.batch_size
         if i >= steps:
             break
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # the last batch's kernels have run
     return n / (time.perf_counter() - t)
 
 
@@ -172,8 +175,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_synthetic_shards(Path(tmp) / "shards", n=args.n, bands=("g", "r", "i", "z", "y"),
                                        stamp=args.stamp, shard_size=256)
-        x = torch.from_numpy(np.concatenate(
-            [ShardDataset([folder]).raw(i)["image"][None] for i in range(args.n)]))
+        x = torch.from_numpy(ShardDataset([folder]).raw_many(np.arange(args.n))[0])
         print(f"{args.n} synthetic 5-band {args.stamp}x{args.stamp} galaxies, global batch "
               f"{args.batch_size}, {args.steps} timed steps, torch {torch.__version__}, "
               f"{threads} threads")

@@ -90,7 +90,8 @@ def sinkhorn_plan(cost: Tensor, eps: float, n_iter: int = SINKHORN_ITERS,
 
     cost [N, M] (no gradient taken) -> plan [N, M], rows summing to 1/N, columns to 1/M.
     """
-    c = cost.detach().double()
+    c = cost.detach()
+    c = c.float() if c.device.type == "mps" else c.double()  # MPS has no float64 (log domain: stable)
     n, m = c.shape
     log_a = torch.full((n,), -math.log(n), dtype=c.dtype, device=c.device)
     log_b = torch.full((m,), -math.log(m), dtype=c.dtype, device=c.device)

@@ -82,7 +82,8 @@ def pooled_rms_distance(f_s: Tensor, f_t: Tensor) -> float:
     """sqrt(2 tr Cov) of the pooled clouds (detached) = RMS distance between two pooled points;
     1.0 for a degenerate (constant) batch."""
     with torch.no_grad():
-        z = torch.cat([f_s, f_t]).double()
+        z = torch.cat([f_s, f_t])
+        z = z.float() if z.device.type == "mps" else z.double()  # MPS has no float64
         c = math.sqrt(2.0 * float(z.var(dim=0, unbiased=False).sum()))
     return c if c > 0 and math.isfinite(c) else 1.0
 

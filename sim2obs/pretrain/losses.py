@@ -9,8 +9,9 @@
   Vetterli 2007, EUSIPCO, used as "RankMe" by Garrido et al. 2023).
 
 All inputs are embeddings of two augmented views ``z1, z2`` of shape ``(N, D)``, row ``i`` of
-both coming from the same image. Losses are computed in float32 whatever the input dtype (bf16
-autocast safe).
+both coming from the same image. Losses are computed in float32 whatever the input dtype, with
+autocast switched off inside them (under a caller's bf16/fp16 autocast, the similarity logits
+and VICReg's covariance would otherwise be low-precision matmuls).
 
 Distributed training: with ``gather=True`` and an initialised process group of more than one
 rank, embeddings are all-gathered differentiably (:class:`_AllGather`: ``all_gather`` forward,
@@ -107,6 +108,10 @@ class NTXentLoss(nn.Module):
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         _check_pair(z1, z2, "NTXentLoss")
+        with torch.autocast(z1.device.type, enabled=False):
+            return self._loss(z1, z2)
+
+    def _loss(self, z1: Tensor, z2: Tensor) -> Tensor:
         n = z1.shape[0]
         u1 = F.normalize(z1.float(), dim=1)
         u2 = F.normalize(z2.float(), dim=1)
@@ -174,6 +179,10 @@ class VICRegLoss(nn.Module):
 
     def forward(self, z1: Tensor, z2: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         _check_pair(z1, z2, "VICRegLoss", min_n=2)
+        with torch.autocast(z1.device.type, enabled=False):
+            return self._loss(z1, z2)
+
+    def _loss(self, z1: Tensor, z2: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         z1, z2 = z1.float(), z2.float()
         inv = self.invariance(z1, z2)
         if self.gather:

@@ -383,24 +383,28 @@ class RedshiftDimming(Augmentation):
         cosmo = get_cosmology(cosmology)
         z = np.linspace(0.0, self._Z_TABLE_MAX, 2401)
         d_a = np.asarray(cosmo.angular_diameter_distance(z).to_value("Mpc"), dtype=np.float64)
-        self.register_buffer("_z_grid", torch.as_tensor(z, dtype=torch.float64), persistent=False)
-        self.register_buffer("_da_grid", torch.as_tensor(d_a, dtype=torch.float64), persistent=False)
+        # CPU float64 tables, not buffers: the per-galaxy factors are computed on the CPU (N
+        # numbers; MPS has no float64), whatever device the images are on
+        self._z_grid = torch.as_tensor(z, dtype=torch.float64)
+        self._da_grid = torch.as_tensor(d_a, dtype=torch.float64)
         self.z_in, self.min_dz, self.max_dz = float(z_in), float(min_dz), float(max_dz)
         self.cosmology = cosmology
         self.max_supersample = int(max_supersample)
 
     def angular_diameter_distance(self, z: Tensor) -> Tensor:
-        """D_A(z) in Mpc by linear interpolation of a 0.0025-spaced table."""
-        zg, dg = self._z_grid.to(z.device), self._da_grid.to(z.device)
-        z = z.to(torch.float64).clamp(0.0, self._Z_TABLE_MAX)
+        """D_A(z) in Mpc by linear interpolation of a 0.0025-spaced table (float64, on the CPU)."""
+        zg, dg = self._z_grid, self._da_grid
+        z = torch.as_tensor(z).detach().cpu().to(torch.float64).clamp(0.0, self._Z_TABLE_MAX)
         i = torch.searchsorted(zg, z).clamp(1, zg.numel() - 1)
         t = (z - zg[i - 1]) / (zg[i] - zg[i - 1])
         return dg[i - 1] + t * (dg[i] - dg[i - 1])
 
     def factors(self, z: Tensor, dz: Tensor) -> tuple[Tensor, Tensor]:
-        """(angular scale s, surface-brightness factor) for moving from z to z + dz."""
+        """(angular scale s, surface-brightness factor) for moving from z to z + dz: float64 on
+        the CPU, (N,) each."""
+        z, dz = (torch.as_tensor(v).detach().cpu().double() for v in (z, dz))
         s = self.angular_diameter_distance(z) / self.angular_diameter_distance(z + dz)
-        sb = ((1.0 + z.double()) / (1.0 + z.double() + dz.double())) ** 4
+        sb = ((1.0 + z) / (1.0 + z + dz)) ** 4
         return s, sb
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None,
@@ -408,17 +412,17 @@ class RedshiftDimming(Augmentation):
         _check_batch(x, "RedshiftDimming")
         n = x.shape[0]
         if redshift is None:
-            z = torch.full((n,), self.z_in, device=x.device, dtype=torch.float64)
+            z = torch.full((n,), self.z_in, dtype=torch.float64)
         else:
-            z = torch.as_tensor(redshift, device=x.device, dtype=torch.float64).reshape(-1)
+            z = torch.as_tensor(redshift).detach().cpu().to(torch.float64).reshape(-1)
             if z.numel() != n or not bool((z > 0).all()) or bool((z + self.max_dz > self._Z_TABLE_MAX).any()):
                 raise Sim2ObsValueError(
                     f"RedshiftDimming: redshift must be (N={n},) with 0 < z <= "
                     f"{self._Z_TABLE_MAX - self.max_dz}"
                 )
-        dz = _uniform((n,), self.min_dz, self.max_dz, generator, x.device).double()
+        dz = _uniform((n,), self.min_dz, self.max_dz, generator, x.device).cpu().double()
         s, sb = self.factors(z, dz)
-        inv = (1.0 / s).float()
+        inv = (1.0 / s).float().to(x.device)
         zero = torch.zeros_like(inv)
         theta = torch.stack([
             torch.stack([inv, zero, zero], dim=1),
@@ -427,7 +431,7 @@ class RedshiftDimming(Augmentation):
         m = int(min(self.max_supersample, max(1, math.ceil(float(inv.max())))))
         out = affine_resample(x, theta, supersample=m)
         wd = _work_dtype(x)
-        return _like(out.to(wd) * sb.to(wd)[:, None, None, None], x)
+        return _like(out.to(wd) * sb.to(device=x.device, dtype=wd)[:, None, None, None], x)
 
     def extra_repr(self) -> str:
         return (f"z_in={self.z_in}, dz=U({self.min_dz}, {self.max_dz}), "

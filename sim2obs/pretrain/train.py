@@ -212,13 +212,20 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in data-parallel training. ``group``: a process group is in use
+    (DDP, gathered losses) -- under ``torchrun`` with more than one process, or one the caller
+    initialised, of any size; ``owner``: :func:`init_distributed` created it (and
+    :func:`pretrain` destroys it when done)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    group: bool = False
+    owner: bool = False
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.group
 
     @property
     def main(self) -> bool:
@@ -226,16 +233,22 @@ class DistInfo:
 
 
 def init_distributed(device_name: str = "auto") -> DistInfo:
-    """Initialise the process group when started by ``torchrun`` (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
+    """Join the caller's process group if one is initialised (any size, e.g. one nccl rank on
+    one GPU to exercise the DDP path), else initialise one when started by ``torchrun`` with
+    WORLD_SIZE > 1: nccl when CUDA is used (each process first bound to its GPU, so NCCL's
+    collectives run there), gloo otherwise. Without either: a single process, no group."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        use_nccl = torch.cuda.is_available() and device_name != "cpu"
-        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local, group=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return DistInfo()
+    use_nccl = torch.cuda.is_available() and device_name != "cpu"
+    if use_nccl:
+        torch.cuda.set_device(_local_gpu())
+    dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, group=True, owner=True)
 
 
 def _json_row(row: dict) -> str:
@@ -315,17 +328,29 @@ def pretrain(
     ``resume=True`` continues to ``config.epochs``. ``max_steps_per_epoch`` caps the steps per
     epoch (quick checks, benchmarks).
     """
+    dist_info = init_distributed(device)
+    try:
+        return _pretrain(folders, out_dir, config, device, resume, progress, max_steps_per_epoch,
+                         stop_after_epoch, log, dist_info)
+    finally:
+        if dist_info.owner:  # the group this call created (torchrun): released, on errors too
+            torch.distributed.destroy_process_group()
+
+
+def _pretrain(folders, out_dir, config: PretrainConfig, device: str, resume: bool, progress: bool,
+              max_steps_per_epoch: int | None, stop_after_epoch: int | None,
+              log: Callable[[str], None] | None, dist_info: DistInfo) -> Path:
     from tqdm.auto import tqdm
 
     from sim2obs import __version__, encoders
 
-    dist_info = init_distributed(device)
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if log and dist_info.main:
         what = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
-        world = f", {dist_info.world} processes" if dist_info.enabled else ""
+        world = (f", {dist_info.world} process{'es' if dist_info.world > 1 else ''}"
+                 if dist_info.enabled else "")
         log(f"device: {dev} ({what}{world}; --device {device})")
     out = Path(out_dir)
     ckpt = None
@@ -492,13 +517,16 @@ def pretrain(
             xa, xb = prepare_views(a, b, augment, normalizer, gen, dev, config.channels_last)
         else:  # views made in the DataLoader (--augment-on loader)
             fmt = torch.channels_last if config.channels_last else torch.contiguous_format
-            xa, xb = (x.to(dev, non_blocking=True).contiguous(memory_format=fmt) for x in (a, b))
+            nb = dev.type == "cuda"  # asynchronous copies only to CUDA (on MPS they can race)
+            xa, xb = (x.to(dev, non_blocking=nb).contiguous(memory_format=fmt) for x in (a, b))
         with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             ha, za = train_model(xa)
             hb, zb = train_model(xb)
-            loss = loss_fn(za.float(), zb.float())
-            if isinstance(loss, tuple):
-                loss = loss[0]
+        # the loss in float32 outside autocast: inside it, .float() inputs would still meet bf16/fp16
+        # matmuls (the similarity logits, VICReg's covariance -- an overflow risk in fp16)
+        loss = loss_fn(za.float(), zb.float())
+        if isinstance(loss, tuple):
+            loss = loss[0]
         return loss, ha
 
     for epoch in range(start_epoch, config.epochs):
@@ -609,13 +637,13 @@ def _validate(model, val_ds, augment, normalizer, config, dev, amp_dtype):
     for a, b in loader:
         if a["image"].shape[0] < 2:
             continue
+        xa, xb = prepare_views(a, b, augment, normalizer, gen, dev, config.channels_last)
         with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            xa, xb = prepare_views(a, b, augment, normalizer, gen, dev, config.channels_last)
             ha, za = model(xa)
             _, zb = model(xb)
-            loss = loss_fn_local(za.float(), zb.float())
-            if isinstance(loss, tuple):
-                loss = loss[0]
+        loss = loss_fn_local(za.float(), zb.float())  # float32, outside autocast (as in training)
+        if isinstance(loss, tuple):
+            loss = loss[0]
         losses.append(float(loss))
         embs.append(ha.float().cpu())
     val_ds.close()

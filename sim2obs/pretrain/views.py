@@ -315,8 +315,9 @@ def prepare_views(a: dict, b: dict, augment, normalizer: Normalizer, generator, 
     """
     n = a["image"].shape[0]
     with torch.autocast(device.type, enabled=False):
-        x = torch.cat([a["image"].to(device, non_blocking=True), b["image"].to(device, non_blocking=True)])
-        ivar = torch.cat([a["ivar"].to(device, non_blocking=True), b["ivar"].to(device, non_blocking=True)])
+        nb = device.type == "cuda"  # asynchronous copies only to CUDA (on MPS they can race)
+        x = torch.cat([a["image"].to(device, non_blocking=nb), b["image"].to(device, non_blocking=nb)])
+        ivar = torch.cat([a["ivar"].to(device, non_blocking=nb), b["ivar"].to(device, non_blocking=nb)])
         x = normalizer.mask(x, ivar)  # zero_masked: masked pixels -> 0, before pixels move
         context = {"ivar": ivar}
         if "survey" in a:  # (2N,) rows of the per-survey tables, on the CPU (checked there)

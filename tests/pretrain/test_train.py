@@ -320,6 +320,37 @@ def test_ddp_two_processes_match_single_process(synthetic_folders, tmp_path):
     np.testing.assert_allclose(d, s, rtol=2e-3)
 
 
+def test_a_callers_one_rank_group_runs_the_ddp_path(synthetic_folders, tmp_path):
+    """A process group the caller initialised -- here one gloo rank, as a one-GPU machine can
+    run nccl -- is joined, not created: the run goes through DDP and the gathered loss (the log
+    names the group), matches the single-process run, and leaves the caller's group alone; under
+    torchrun the group pretrain created is destroyed when it returns."""
+    script = f"""
+import csv, sys, torch.distributed as dist
+from sim2obs.pretrain.train import PretrainConfig, pretrain
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+cfg = PretrainConfig(epochs=1, batch_size=16, embed_dim=16, proj_hidden=32, proj_dim=16, val_fraction=0.2,
+                     encoder_kwargs={{"width": 8, "depths": [1, 1], "stem_stride": 2}}, norm="group")
+lines = []
+for name in ("ddp", "plain"):
+    if name == "plain":
+        dist.destroy_process_group()
+    run = pretrain([sys.argv[1]], sys.argv[2] + "/" + name, cfg, device="cpu", progress=False,
+                   max_steps_per_epoch=2, log=lines.append)
+    print(name, list(csv.DictReader(open(run / "metrics.csv")))[0]["train_loss"])
+    if name == "ddp":
+        print("still initialised:", dist.is_initialized())
+print("\\n".join(lines))
+"""
+    res = subprocess.run([sys.executable, "-c", script, str(synthetic_folders[0]), str(tmp_path)],
+                         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout
+    assert "still initialised: True" in out and "1 process;" in out
+    losses = dict(line.split() for line in out.splitlines() if line.startswith(("ddp ", "plain ")))
+    assert float(losses["ddp"]) == pytest.approx(float(losses["plain"]), rel=1e-5)
+
+
 def test_damaged_checkpoint_and_bad_val_fraction_say_what_to_do(synthetic_folders, tmp_path):
     run = pretrain([synthetic_folders[0]], tmp_path / "run", PretrainConfig(**{**TINY, "epochs": 1}),
                    progress=False, max_steps_per_epoch=1)
