@@ -126,10 +126,9 @@ def prepare_data(out: Path, sizes: BenchSizes, workers: int, progress: bool, log
 
 def _random_init_run(pre: Path, out: Path, seed: int = 0) -> Path:
     """A copy of the pretraining run with the encoder's weights re-initialised (from scratch)."""
-    import torch
 
     from sim2obs.pretrain.evaluate import random_init_encoder
-    from sim2obs.pretrain.train import CHECKPOINT, load_checkpoint
+    from sim2obs.pretrain.train import CHECKPOINT, load_checkpoint, save_checkpoint
 
     if (out / CHECKPOINT).exists():
         return out
@@ -138,8 +137,7 @@ def _random_init_run(pre: Path, out: Path, seed: int = 0) -> Path:
     for k, v in enc.state_dict().items():
         ckpt["model"]["encoder." + k] = v
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_output(out / CHECKPOINT) as tmp:
-        torch.save(ckpt, tmp)
+    save_checkpoint(out / CHECKPOINT, ckpt)
     return out
 
 

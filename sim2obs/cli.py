@@ -683,8 +683,15 @@ def _after_interrupt(args) -> str:
         run = args.resume if isinstance(getattr(args, "resume", None), str) else args.out
         if run is not None and (Path(run) / "checkpoint.pt").is_file():
             folders = " ".join(str(f) for f in getattr(args, "folders", ()))
-            how = (f"sim2obs pretrain {folders} --resume {run}" if command == "pretrain"
-                   else "the same sim2obs adapt command with --resume")
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            if command != "pretrain":
+                how = "the same sim2obs adapt command with --resume"
+            elif world > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world:  # torchrun, one node
+                how = f"torchrun --nproc_per_node {world} -m sim2obs pretrain {folders} --resume {run}"
+            elif world > 1:  # several nodes: the user's own launch line
+                how = f"the same torchrun launch of `sim2obs pretrain {folders} --resume {run}`"
+            else:
+                how = f"sim2obs pretrain {folders} --resume {run}"
             return f"'{run}' holds the checkpoint of the last finished epoch: continue with `{how}`"
         return "no epoch had finished, so there is no checkpoint to resume from"
     if command in ("demo", "benchmark"):

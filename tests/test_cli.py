@@ -215,6 +215,16 @@ def test_ctrl_c_says_what_is_kept_for_the_command(synthetic_folders, tmp_path, c
     err = capsys.readouterr().err
     assert "last finished epoch" in err and "shards" not in err
     assert f"sim2obs pretrain {synthetic_folders[0]} --resume {run}" in err
+    # under torchrun (rank 0 of 2 on one node) the way on keeps the number of processes
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert main(argv) == 130
+    assert f"torchrun --nproc_per_node 2 -m sim2obs pretrain {synthetic_folders[0]} --resume {run}" in capsys.readouterr().err
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per node on 2 nodes: the user's launch
+    assert main(argv) == 130
+    assert "the same torchrun launch of `sim2obs pretrain" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr("sim2obs.gap.search.load_many", interrupted)
     assert main(["anomalies", str(tmp_path / "e.h5"), "--reference", str(tmp_path / "r.h5"),
                  "--out", str(tmp_path / "a.csv")]) == 130

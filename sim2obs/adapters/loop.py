@@ -311,8 +311,9 @@ def dev_risk(loss: np.ndarray, weight: np.ndarray) -> float:
 
 
 def _save(path: Path, payload: dict) -> None:
-    with atomic_output(path) as tmp:
-        torch.save(payload, tmp)
+    from sim2obs.pretrain.checkpoint import save_checkpoint
+
+    save_checkpoint(path, payload)  # atomic, and the same bytes for the same payload
 
 
 def _write_json(path: Path, obj) -> None:

@@ -6,6 +6,7 @@ data that lets ``--resume`` refuse other data than the run's.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from pathlib import Path
@@ -23,9 +24,14 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Atomic ``torch.save``: temporary file in the same folder, then rename."""
+    """Atomic ``torch.save``: serialised in memory, written to a temporary file in the same
+    folder, then renamed. (Saved straight to the temporary file, torch names the zip archive's
+    inner folder after it, a random name: identical runs gave checkpoints of different bytes and
+    different :func:`checkpoint_hash` values.)"""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_output(path) as tmp:
-        torch.save(payload, tmp)
+        Path(tmp).write_bytes(buffer.getbuffer())
 
 
 def load_checkpoint(run_dir: str | Path) -> dict:

@@ -89,7 +89,7 @@ class PretrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    warmup_epochs: float = 2.0
+    warmup_epochs: float | None = None  # None: 2 epochs, at most a tenth of the run (warmup_epochs_used)
     temperature: float = 0.1
     grad_clip: float = 5.0
     bands: tuple[str, ...] | None = None
@@ -139,6 +139,16 @@ class PretrainConfig:
             object.__setattr__(self, "encoder_kwargs", kw)
         if self.encoder == "resnet" and self.norm == "group":
             object.__setattr__(self, "encoder_kwargs", {**self.encoder_kwargs, "norm": "group"})
+
+    @property
+    def warmup_epochs_used(self) -> float:
+        """Epochs of linear learning-rate warm-up: ``warmup_epochs``, or by default 2 but at most
+        a tenth of the run, so that short runs reach the peak rate and decay too (sim2obs < 0.2.2
+        always warmed up for 2 epochs: a 1-epoch run never passed 62 % of ``lr``; runs that
+        recorded 2.0 keep it when resumed)."""
+        if self.warmup_epochs is not None:
+            return float(self.warmup_epochs)
+        return min(2.0, self.epochs / 10.0)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -466,8 +476,11 @@ def _pretrain(folders, out_dir, config: PretrainConfig, device: str, resume: boo
     total_steps = steps_per_epoch * config.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _lr_lambda(int(config.warmup_epochs * steps_per_epoch) or 1, total_steps))
+        opt, _lr_lambda(int(config.warmup_epochs_used * steps_per_epoch) or 1, total_steps))
     start_epoch = 0
+    # processes of each start of this run (a resume with another number is logged and recorded)
+    world_sizes = [int(w) for w in (ckpt or {}).get("world_sizes", [])] or (
+        [int((ckpt or {}).get("world_size", dist_info.world))] if ckpt is not None else [])
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -476,6 +489,13 @@ def _pretrain(folders, out_dir, config: PretrainConfig, device: str, resume: boo
         if log and dist_info.main:
             log(f"resuming '{out}' after epoch {start_epoch} of {config.epochs}" if start_epoch < config.epochs
                 else f"'{out}' has finished its {config.epochs} epochs: nothing to train")
+            before = int(world_sizes[-1])
+            if before != dist_info.world and start_epoch < config.epochs:
+                log(f"note: '{out}' trained with {before} process{'es' if before > 1 else ''} and resumes "
+                    f"with {dist_info.world}: the schedule goes on, but each process draws its own "
+                    "views and holds its own share of the batch, so the weights will differ from an "
+                    f"uninterrupted {before}-process run (to reproduce that: `torchrun "
+                    f"--nproc_per_node {before} -m sim2obs pretrain ... --resume {out}`)")
     train_model: nn.Module = model
     if dist_info.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -493,7 +513,8 @@ def _pretrain(folders, out_dir, config: PretrainConfig, device: str, resume: boo
             {"config": config.to_dict(), "folders": [str(f) for f in folders],
              "bands": list(train_ds.bands), "data": data_summary, "normalizer": normalizer.to_dict(),
              "encoder_config": encoder.config(), "sim2obs_version": __version__,
-             "world_size": dist_info.world, "device": str(dev)}, indent=2))
+             "world_size": dist_info.world, "world_sizes": [*world_sizes, dist_info.world],
+             "device": str(dev)}, indent=2))
     metrics_path, jsonl_path = out / "metrics.csv", out / "metrics.jsonl"
     fields = ["epoch", "steps", "train_loss", "val_loss", "lr", "embedding_std",
               "effective_rank", "seconds", "samples_per_s"]
@@ -586,6 +607,7 @@ def _pretrain(folders, out_dir, config: PretrainConfig, device: str, resume: boo
                 "normalizer": normalizer.to_dict(), "encoder_config": encoder.config(),
                 "bands": list(train_ds.bands), "data": data_summary, "sim2obs_version": __version__,
                 "max_steps_per_epoch": max_steps_per_epoch,
+                "world_size": dist_info.world, "world_sizes": [*world_sizes, dist_info.world],
                 "grad_scaler": scaler.state_dict(),
             })
             if log:

@@ -62,6 +62,63 @@ def test_resume_gives_the_same_weights(synthetic_folders, tmp_path, method):
     assert [r["epoch"] for r in records] == [0, 1]
 
 
+def test_warm_up_fits_short_runs_and_resumes_keep_their_own():
+    """Default warm-up: 2 epochs, at most a tenth of the run (a 1-epoch run reaches the peak rate
+    and decays); an explicit value, or the 2.0 that runs of sim2obs < 0.2.2 recorded, is kept."""
+    assert PretrainConfig(epochs=1).warmup_epochs_used == pytest.approx(0.1)
+    assert PretrainConfig(epochs=10).warmup_epochs_used == pytest.approx(1.0)
+    assert PretrainConfig(epochs=50).warmup_epochs_used == 2.0
+    assert PretrainConfig(epochs=1, warmup_epochs=0.5).warmup_epochs_used == 0.5
+    old = PretrainConfig.from_dict({**PretrainConfig(epochs=5).to_dict(), "warmup_epochs": 2.0})
+    assert old.warmup_epochs_used == 2.0
+
+
+def test_one_epoch_run_reaches_the_peak_rate_and_decays(synthetic_folders, tmp_path):
+    from sim2obs.pretrain.train import _lr_lambda
+
+    cfg = PretrainConfig(**{**TINY, "epochs": 1})
+    run = pretrain([synthetic_folders[0]], tmp_path / "one", cfg, progress=False)
+    steps = int(next(csv.DictReader((run / "metrics.csv").open()))["steps"])
+    warm = int(cfg.warmup_epochs_used * steps) or 1
+    factors = [_lr_lambda(warm, steps)(k) for k in range(steps)]
+    assert max(factors) == 1.0 and factors[-1] < 0.5  # peak reached, then the cosine decay
+    lr_end = float(next(csv.DictReader((run / "metrics.csv").open()))["lr"])
+    assert lr_end == pytest.approx(cfg.lr * _lr_lambda(warm, steps)(steps), rel=1e-6)
+
+
+def test_resume_with_another_number_of_processes_is_said_and_recorded(synthetic_folders, tmp_path):
+    """A run started by 2 processes and resumed by 1: the log says the weights will differ from
+    the uninterrupted run and how to reproduce it; config.json and the checkpoint record the
+    processes of each start."""
+    from sim2obs.pretrain.checkpoint import save_checkpoint
+
+    cfg = PretrainConfig(**{**TINY, "epochs": 2})
+    run = pretrain([synthetic_folders[0]], tmp_path / "run", cfg, progress=False, stop_after_epoch=1)
+    ckpt = load_checkpoint(run)
+    assert ckpt["world_sizes"] == [1]
+    save_checkpoint(run / CHECKPOINT, {**ckpt, "world_size": 2, "world_sizes": [2]})  # as torchrun wrote it
+    lines: list[str] = []
+    pretrain([synthetic_folders[0]], run, cfg, resume=True, progress=False, log=lines.append)
+    note = next(line for line in lines if line.startswith("note:") and "processes" in line)
+    assert "trained with 2 processes and resumes with 1" in note and "--nproc_per_node 2" in note
+    assert json.loads((run / "config.json").read_text())["world_sizes"] == [2, 1]
+    assert load_checkpoint(run)["world_sizes"] == [2, 1]
+
+
+def test_identical_runs_write_identical_checkpoint_bytes(synthetic_folders, tmp_path):
+    """The same command twice gives checkpoint files of the same bytes, so checkpoint_hash (the
+    provenance written into embeddings, probe and adapt records) identifies the model, not the
+    attempt (torch.save to a temporary path used to name the archive's folder after it)."""
+    from sim2obs.pretrain.checkpoint import checkpoint_hash
+
+    cfg = PretrainConfig(**{**TINY, "epochs": 1})
+    runs = [pretrain([synthetic_folders[0]], tmp_path / name, cfg, progress=False, max_steps_per_epoch=1)
+            for name in ("a", "b")]
+    a, b = ((run / CHECKPOINT).read_bytes() for run in runs)
+    assert a == b
+    assert checkpoint_hash(runs[0]) == checkpoint_hash(runs[1])
+
+
 def test_resume_says_when_the_run_started_under_another_version(synthetic_folders, tmp_path):
     """A checkpoint written by another sim2obs version resumes, and the log says the result may
     differ from an uninterrupted run (the augmentations' code may have changed)."""
