@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -266,7 +267,9 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--num-workers", type=int, default=0,
                    help="DataLoader worker processes reading the shards (default: 0, in the "
-                        "training process); the result does not depend on it")
+                        "training process); the result does not depend on it, except with "
+                        "--stream, where each worker reads its own block of shards through its "
+                        "own shuffle buffer")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, metavar="N",
                    help="at most N steps per epoch (quick checks, timing; default: every batch)")
     p.add_argument("--augment-on", choices=("device", "loader"), default="device",
@@ -321,7 +324,8 @@ def _cmd_pretrain(args) -> int:
 
 def _add_embed(sub) -> None:
     p = sub.add_parser("embed", help="embed shard folders with a pretrained encoder",
-                       description="Write /embeddings (N, D) with object_id and labels to HDF5.")
+                       description="Write /embeddings (N, D), /labels/* (object_id among them) and /survey "
+                                   "(N,) to HDF5.")
     p.add_argument("run", type=Path, help="run folder of `sim2obs pretrain`")
     p.add_argument("folders", nargs="+", type=Path, help="shard folder(s)")
     p.add_argument("--out", required=True, type=Path, help="output .h5 file")
@@ -666,12 +670,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except Sim2ObsError as exc:
-        _log(f"error: {exc}")
+        _log(f"error: {_worker_message(str(exc))}")
         return 1
     except KeyboardInterrupt:
         if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
             _log(f"interrupted; {_after_interrupt(args)}")
         return 130
+
+
+def _worker_message(text: str) -> str:
+    """A sim2obs error raised in a DataLoader worker comes back with the worker's traceback in its
+    message ("Caught Sim2ObsDataError in DataLoader worker process 0. Original Traceback ...",
+    torch's ExceptionWrapper): keep the error itself, and say where it happened."""
+    head, sep, rest = text.partition("\nOriginal Traceback (most recent call last):")
+    match = re.match(r"Caught \w+ in DataLoader (worker process \d+)", head.strip())
+    if not sep or match is None:
+        return text
+    lines = [line for line in rest.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else head
+    message = re.sub(r"^(?:[\w.]+\.)?\w+(?:Error|Exception): ", "", last.strip())
+    return f"{message} (in DataLoader {match.group(1)})"
 
 
 def _after_interrupt(args) -> str:

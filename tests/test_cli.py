@@ -229,3 +229,16 @@ def test_ctrl_c_says_what_is_kept_for_the_command(synthetic_folders, tmp_path, c
     assert main(["anomalies", str(tmp_path / "e.h5"), "--reference", str(tmp_path / "r.h5"),
                  "--out", str(tmp_path / "a.csv")]) == 130
     assert "may be incomplete: run the command again" in capsys.readouterr().err
+
+
+def test_probe_label_of_some_folders_or_object_id_says_what_to_do(probe_run, synthetic_folders, capsys):
+    """A label only some folders have names those folders (probe them alone); object_id is refused
+    as a label (it is the identifier)."""
+    hsc, lsst = (str(f) for f in synthetic_folders)
+    capsys.readouterr()
+    assert main(["probe", str(probe_run), hsc, lsst, "--label", "psf_fwhm_z"]) == 1
+    err = capsys.readouterr().err
+    assert f"'psf_fwhm_z' is in ['{lsst}'] but not in ['{hsc}']" in err
+    assert f"sim2obs probe RUN {lsst} --label psf_fwhm_z" in err and "'object_id'" not in err
+    assert main(["probe", str(probe_run), hsc, "--label", "object_id"]) == 1
+    assert "object_id is the galaxies' identifier" in capsys.readouterr().err

@@ -459,7 +459,7 @@ class ShardDataset:
             bad = ~np.isfinite(image) & (ivar > 0)
         if np.any(bad):
             raise Sim2ObsDataError(
-                f"'{self.files[fi]}' object {int(self.object_id[i])}: {int(bad.sum())} NaN pixels "
+                f"'{self.files[fi]}' object {int(self.object_id[i])}: {int(bad.sum())} non-finite (NaN or inf) pixels "
                 "not masked by ivar = 0; re-ingest or mask them"
             )
         image = np.where(np.isfinite(image), image, 0.0).astype(np.float32)
@@ -505,7 +505,8 @@ class ShardDataset:
                     ids = f["labels/object_id"][rows_bad.tolist()].tolist()
                     raise Sim2ObsDataError(
                         f"'{self.files[fi]}' object(s) {ids[:5]}{' ...' if len(ids) > 5 else ''}: "
-                        f"{int(bad.sum())} NaN pixels not masked by ivar = 0; re-ingest or mask them"
+                        f"{int(bad.sum())} non-finite (NaN or inf) pixels not masked by ivar = 0; "
+                        "re-ingest or mask them"
                     )
                 img = np.where(finite, img, np.float32(0.0))
             _put(images, where, img, inverse)

@@ -268,6 +268,10 @@ def is_complete(path: str | Path) -> bool:
 def list_shards(folder: str | Path) -> list[Path]:
     """Shard files in ``folder`` sorted by name; raises if the folder is missing or empty."""
     folder = Path(folder)
+    if folder.is_file():
+        raise Sim2ObsFileNotFoundError(
+            f"'{folder}' is a file; commands take shard folders: pass its folder '{folder.parent}'"
+        )
     if not folder.is_dir():
         raise Sim2ObsFileNotFoundError(f"shard folder '{folder}' does not exist")
     paths = sorted(p for p in folder.iterdir() if SHARD_PATTERN.match(p.name))

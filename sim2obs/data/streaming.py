@@ -213,8 +213,10 @@ class StreamingShardDataset(torch.utils.data.IterableDataset):
                                    f"{fix_hint(Path(self.files[si]).parent)}") from exc
         bad = ~np.isfinite(image) if ivar is None else (~np.isfinite(image) & (ivar > 0))
         if np.any(bad):
+            which = np.asarray(ids)[bad.reshape(len(ids), -1).any(axis=1)].tolist()
             raise Sim2ObsDataError(
-                f"'{self.files[si]}': {int(bad.sum())} NaN pixels not masked by ivar = 0; "
+                f"'{self.files[si]}' object(s) {which[:5]}{' ...' if len(which) > 5 else ''}: "
+                f"{int(bad.sum())} non-finite (NaN or inf) pixels not masked by ivar = 0; "
                 "re-ingest or mask them"
             )
         finite = np.isfinite(image)

@@ -34,12 +34,25 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         Path(tmp).write_bytes(buffer.getbuffer())
 
 
+def checkpoint_path(run_dir: str | Path) -> Path:
+    """``RUN/checkpoint.pt`` of a run folder -- or the checkpoint file itself, when given."""
+    run = Path(run_dir)
+    return run if run.is_file() and run.name == CHECKPOINT else run / CHECKPOINT
+
+
 def load_checkpoint(run_dir: str | Path) -> dict:
     """Load ``RUN/checkpoint.pt`` safely (``weights_only=True``)."""
-    path = Path(run_dir) / CHECKPOINT
+    path = checkpoint_path(run_dir)
+    run = path.parent
     if not path.is_file():
+        if run.is_dir() and any(run.glob("*.h5")):
+            raise Sim2ObsFileNotFoundError(
+                f"'{run}' holds shards, not a run (no {CHECKPOINT}): pass the folder that "
+                "`sim2obs pretrain ... --out RUN` wrote (are the run and the shard folders swapped?)"
+            )
         raise Sim2ObsFileNotFoundError(
-            f"no checkpoint at '{path}': train one with `sim2obs pretrain DIR --out {run_dir}`"
+            f"no checkpoint at '{path}': pass the folder a `sim2obs pretrain ... --out RUN` (or "
+            "`sim2obs adapt`) run wrote"
         )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -73,7 +86,7 @@ def load_checkpoint(run_dir: str | Path) -> dict:
 
 
 def checkpoint_hash(run_dir: str | Path) -> str:
-    return hashlib.sha256((Path(run_dir) / CHECKPOINT).read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(checkpoint_path(run_dir).read_bytes()).hexdigest()[:16]
 
 
 def training_data_summary(dataset) -> dict:

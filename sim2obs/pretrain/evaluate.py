@@ -78,6 +78,31 @@ def folder_labels(dataset: ShardDataset) -> dict[str, np.ndarray]:
     return labels
 
 
+def _missing_labels_message(dataset: ShardDataset, missing: list[str], values: dict) -> str:
+    """Which folders lack each missing label (a label some folders have: probe those alone)."""
+    import h5py
+
+    has: dict[str, set[str]] = {lab: set() for lab in missing}
+    folders = []
+    for path in dataset.files:
+        folder = str(Path(path).parent)
+        folders.append(folder)
+        with h5py.File(path, "r") as f:
+            for lab in missing:
+                if lab in f["labels"]:
+                    has[lab].add(folder)
+    available = sorted(k for k in values if k != "object_id")
+    parts = []
+    for lab in missing:
+        if has[lab]:
+            lacking = sorted(set(folders) - has[lab])
+            parts.append(f"'{lab}' is in {sorted(has[lab])} but not in {lacking}: probe those folders "
+                         f"alone (`sim2obs probe RUN {' '.join(sorted(has[lab]))} --label {lab}`)")
+        else:
+            parts.append(f"'{lab}' is in none of the shards")
+    return "; ".join(parts) + f". Labels every folder has: {available}"
+
+
 def other_stamp_note(meta: dict, dataset: ShardDataset) -> str | None:
     """A note when ``dataset``'s stamps differ in size from those the run was trained on
     (``meta``: the checkpoint's metadata; None for runs that did not record it). Both encoders
@@ -422,9 +447,14 @@ def probe_run(run_dir: str | Path, folders, labels=("log_mstar",), folds: int = 
     encoder, normalizer, ds = _encoder_and_shards(run_dir, folders, log)
     try:
         values = folder_labels(ds)
+        if "object_id" in labels:
+            raise Sim2ObsValueError(
+                "object_id is the galaxies' identifier, not a quantity to predict; probe a label "
+                f"such as {[k for k in sorted(values) if k != 'object_id'][:6]}"
+            )
         missing = [lab for lab in labels if lab not in values]
         if missing:
-            raise Sim2ObsValueError(f"labels {missing} are not in the shards; available: {sorted(values)}")
+            raise Sim2ObsValueError(_missing_labels_message(ds, missing, values))
         ids = np.asarray(ds.object_id)
         counts = {}  # label -> (stamps, galaxies) with a finite value
         for lab in labels:

@@ -36,6 +36,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -279,7 +280,9 @@ def _json_row(row: dict) -> str:
 def load_encoder(run_dir: str | Path) -> tuple[nn.Module, Normalizer, dict]:
     """Encoder (eval mode, CPU), its normaliser and the checkpoint's metadata."""
     from sim2obs import encoders
+    from sim2obs.pretrain.checkpoint import checkpoint_path
 
+    run_dir = checkpoint_path(run_dir).parent  # a run folder, or its checkpoint file
     ckpt = load_checkpoint(run_dir)
     if ckpt.get("kind") == "adapt":  # an adaptation run: its adapted features
         from sim2obs.adapters.loop import adapted_encoder
@@ -339,9 +342,17 @@ def pretrain(
     epoch (quick checks, benchmarks).
     """
     dist_info = init_distributed(device)
+    fresh = not Path(out_dir).exists()
     try:
         return _pretrain(folders, out_dir, config, device, resume, progress, max_steps_per_epoch,
                          stop_after_epoch, log, dist_info)
+    except BaseException:
+        # a run that stopped (bad data found while reading, Ctrl-C) before its first checkpoint
+        # leaves no folder behind if this call made it: nothing in it could be resumed
+        out = Path(out_dir)
+        if fresh and dist_info.main and out.is_dir() and not (out / CHECKPOINT).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         if dist_info.owner:  # the group this call created (torchrun): released, on errors too
             torch.distributed.destroy_process_group()

@@ -264,6 +264,37 @@ def test_nan_pixels(make_shards, tmp_path):
     assert item["image"][1, 4, 4] == 0.0 and np.isfinite(item["image"]).all()
     images, ivar = ds.raw_many([masked])
     assert images[0, 1, 4, 4] == 0.0 and ivar[0, 1, 4, 4] == 0.0
+    # an inf pixel is named for what it is; streaming names the objects too
+    from sim2obs.data.streaming import StreamingShardDataset
+
+    ds.close()
+    with h5py.File(path, "r+") as f:
+        f["images"][2, 0, 5, 5] = np.inf
+    with pytest.raises(Sim2ObsDataError, match=r"non-finite \(NaN or inf\)"):
+        ShardDataset([folder]).raw(bad)
+    with pytest.raises(Sim2ObsDataError, match=rf"{path.name}' object\(s\) \[{int(ids[2])}\].*NaN or inf"):
+        list(StreamingShardDataset([folder], shuffle_buffer=0))
+
+
+def test_error_in_a_dataloader_worker_reads_as_the_error(make_shards, tmp_path):
+    """A data error raised in a DataLoader worker reaches the command line as the error itself and
+    where it happened, not as torch's wrapped worker traceback."""
+    import h5py
+
+    from sim2obs.cli import _worker_message
+
+    folder = make_shards(tmp_path / "nan", n=8, survey="hsc", stamp=16, shard_size=8)
+    path = sorted(folder.glob("*.h5"))[0]
+    with h5py.File(path, "r+") as f:
+        f["images"][2, 0, 5, 5] = np.nan
+    loader = torch.utils.data.DataLoader(ShardDataset([folder]), batch_size=8, num_workers=1,
+                                         collate_fn=lambda items: items)
+    with pytest.raises(Sim2ObsDataError) as info:
+        next(iter(loader))
+    assert "Original Traceback" in str(info.value)  # what torch hands back
+    message = _worker_message(str(info.value))
+    assert message.startswith(f"'{path}' object ") and "Traceback" not in message
+    assert message.endswith("(in DataLoader worker process 0)")
 
 
 def test_missing_ivar_is_estimated_from_the_stamp(make_shards, tmp_path):

@@ -105,6 +105,24 @@ def test_resume_with_another_number_of_processes_is_said_and_recorded(synthetic_
     assert load_checkpoint(run)["world_sizes"] == [2, 1]
 
 
+def test_run_arguments_that_are_not_runs_say_what_to_pass(synthetic_folders, tmp_path):
+    """The checkpoint file itself is accepted as the run; a shard folder passed as the run (the
+    arguments swapped) and a shard file passed as a folder are named for what they are."""
+    from sim2obs.data.shards import list_shards
+    from sim2obs.errors import Sim2ObsFileNotFoundError
+    from sim2obs.pretrain.checkpoint import checkpoint_hash
+
+    run = pretrain([synthetic_folders[0]], tmp_path / "run", PretrainConfig(**{**TINY, "epochs": 1}),
+                   progress=False, max_steps_per_epoch=1)
+    encoder, _, _ = load_encoder(run / CHECKPOINT)
+    assert checkpoint_hash(run / CHECKPOINT) == checkpoint_hash(run)
+    with pytest.raises(Sim2ObsFileNotFoundError, match="holds shards, not a run.*swapped"):
+        load_encoder(synthetic_folders[0])
+    shard = list_shards(synthetic_folders[0])[0]
+    with pytest.raises(Sim2ObsFileNotFoundError, match=f"is a file.*pass its folder '{shard.parent}'"):
+        list_shards(shard)
+
+
 def test_identical_runs_write_identical_checkpoint_bytes(synthetic_folders, tmp_path):
     """The same command twice gives checkpoint files of the same bytes, so checkpoint_hash (the
     provenance written into embeddings, probe and adapt records) identifies the model, not the
@@ -208,6 +226,25 @@ def test_refused_run_leaves_no_folder(synthetic_folders, tmp_path):
         pretrain([synthetic_folders[0]], tmp_path / "new" / "run", PretrainConfig(**{**TINY, "batch_size": 4096}),
                  progress=False)
     assert not (tmp_path / "new").exists()
+
+
+def test_run_stopped_before_its_first_checkpoint_leaves_no_folder(synthetic_folders, tmp_path, monkeypatch):
+    """Ctrl-C (or bad data found while reading) before the first checkpoint: the folder this call
+    made goes (nothing in it could be resumed); a folder that existed -- a resumed run -- stays."""
+    import sim2obs.pretrain.train as train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    cfg = PretrainConfig(**{**TINY, "epochs": 2})
+    run = pretrain([synthetic_folders[0]], tmp_path / "kept", cfg, progress=False, stop_after_epoch=1)
+    monkeypatch.setattr(train, "save_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain([synthetic_folders[0]], tmp_path / "new", cfg, progress=False)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(KeyboardInterrupt):
+        pretrain([synthetic_folders[0]], run, cfg, resume=True, progress=False)
+    assert (run / CHECKPOINT).is_file()
 
 
 def test_resume_with_dropout_gives_the_same_weights(synthetic_folders, tmp_path):
