@@ -357,20 +357,31 @@ def test_bf16_channels_last_run(synthetic_folders, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_run_matches_eager_and_saves_plain_weights(synthetic_folders, tmp_path):
+def test_compiled_run_matches_eager_and_saves_plain_weights(synthetic_folders, tmp_path, monkeypatch):
     """--compile: the same run through torch.compile (inductor on the CPU) has the eager run's
-    training and validation losses (to 1e-5: fused kernels round differently), and its
+    training and validation losses (to 1e-4 and 1e-3: fused kernels round differently), and its
     checkpoint holds the plain model's keys (no '_orig_mod.' prefix), so embed/probe and an eager
     --resume load it. (Weights are not compared element by element: AdamW's first steps move a
     parameter by ~lr times the sign of its gradient, which rounding flips where that is ~0.)"""
     cfg = PretrainConfig(**{**TINY, "epochs": 1, "precision": "fp32", "channels_last": False})
+    compiled_models = []
+    real_compile = torch.compile
+
+    def spy(model, *args, **kwargs):  # the run really goes through torch.compile
+        compiled_models.append(model)
+        return real_compile(model, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
     runs = {}
     for name, compile_ in (("eager", False), ("compiled", True)):
         runs[name] = pretrain([synthetic_folders[0]], tmp_path / name, dataclasses_replace(cfg, compile=compile_),
                               progress=False, max_steps_per_epoch=2)
+    assert len(compiled_models) == 1 and hasattr(compiled_models[0], "encoder")
     rows = {k: next(csv.DictReader((run / "metrics.csv").open())) for k, run in runs.items()}
-    for col in ("train_loss", "val_loss"):
-        assert float(rows["compiled"][col]) == pytest.approx(float(rows["eager"][col]), rel=1e-5), col
+    # the mean loss of the two steps to 1e-4; the validation loss, after both AdamW updates (where
+    # a gradient ~0 flips sign a parameter moves by 2 lr the other way), to 1e-3
+    for col, rel in (("train_loss", 1e-4), ("val_loss", 1e-3)):
+        assert float(rows["compiled"][col]) == pytest.approx(float(rows["eager"][col]), rel=rel), col
     eager, compiled = (load_checkpoint(runs[k]) for k in ("eager", "compiled"))
     assert eager["model"].keys() == compiled["model"].keys()
     assert compiled["config"]["compile"] is True
