@@ -211,10 +211,9 @@ class Normalizer:
             if isinstance(images, torch.Tensor):
                 s = torch.as_tensor(self.scale_nmgy, dtype=images.dtype, device=images.device)
                 y = images / s.view(-1, 1, 1)
-                if (y.dtype in (torch.float32, torch.float64) and not y.requires_grad
-                        and y.device.type == "cpu"):
-                    return asinh_cpu_(y)  # y is a new tensor: stretched in place
                 if y.dtype in (torch.float32, torch.float64) and not y.requires_grad:
+                    if y.device.type == "cpu":
+                        return asinh_cpu_(y)  # y is a new tensor: stretched in place
                     return _asinh_elementwise(y)  # on an accelerator: a few fused elementwise kernels
                 return torch.asinh(y)
         except ImportError:  # pragma: no cover - torch is a dependency

@@ -489,9 +489,11 @@ def _pretrain(folders, out_dir, config: PretrainConfig, device: str, resume: boo
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _lr_lambda(int(config.warmup_epochs_used * steps_per_epoch) or 1, total_steps))
     start_epoch = 0
-    # processes of each start of this run (a resume with another number is logged and recorded)
-    world_sizes = [int(w) for w in (ckpt or {}).get("world_sizes", [])] or (
-        [int((ckpt or {}).get("world_size", dist_info.world))] if ckpt is not None else [])
+    # processes of each start of this run, this one last (a resume with another number is logged);
+    # checkpoints of sim2obs < 0.2.2 record none: taken as this number
+    earlier = [] if ckpt is None else [int(w) for w in ckpt.get("world_sizes")
+                                       or [ckpt.get("world_size", dist_info.world)]]
+    world_sizes = [*earlier, dist_info.world]
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -500,7 +502,7 @@ def _pretrain(folders, out_dir, config: PretrainConfig, device: str, resume: boo
         if log and dist_info.main:
             log(f"resuming '{out}' after epoch {start_epoch} of {config.epochs}" if start_epoch < config.epochs
                 else f"'{out}' has finished its {config.epochs} epochs: nothing to train")
-            before = int(world_sizes[-1])
+            before = earlier[-1]
             if before != dist_info.world and start_epoch < config.epochs:
                 log(f"note: '{out}' trained with {before} process{'es' if before > 1 else ''} and resumes "
                     f"with {dist_info.world}: the schedule goes on, but each process draws its own "
@@ -524,7 +526,7 @@ def _pretrain(folders, out_dir, config: PretrainConfig, device: str, resume: boo
             {"config": config.to_dict(), "folders": [str(f) for f in folders],
              "bands": list(train_ds.bands), "data": data_summary, "normalizer": normalizer.to_dict(),
              "encoder_config": encoder.config(), "sim2obs_version": __version__,
-             "world_size": dist_info.world, "world_sizes": [*world_sizes, dist_info.world],
+             "world_size": dist_info.world, "world_sizes": world_sizes,
              "device": str(dev)}, indent=2))
     metrics_path, jsonl_path = out / "metrics.csv", out / "metrics.jsonl"
     fields = ["epoch", "steps", "train_loss", "val_loss", "lr", "embedding_std",
@@ -618,7 +620,7 @@ def _pretrain(folders, out_dir, config: PretrainConfig, device: str, resume: boo
                 "normalizer": normalizer.to_dict(), "encoder_config": encoder.config(),
                 "bands": list(train_ds.bands), "data": data_summary, "sim2obs_version": __version__,
                 "max_steps_per_epoch": max_steps_per_epoch,
-                "world_size": dist_info.world, "world_sizes": [*world_sizes, dist_info.world],
+                "world_size": dist_info.world, "world_sizes": world_sizes,
                 "grad_scaler": scaler.state_dict(),
             })
             if log:
