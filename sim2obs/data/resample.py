@@ -1,19 +1,25 @@
 """Resampling and recentring of real cutouts onto a survey's pixel grid, conserving flux.
 
-The image is a ``galsim.InterpolatedImage`` (``normalization='flux'``) recentred on the brightest
-source near the centre and drawn at the target pixel scale (method 'no_pixel' when upsampling,
-'auto' -- integrated over the new pixel -- when downsampling), so total flux is conserved. The
-variance map is resampled the same way (noise per unit area conserved; the pixel correlations
-this introduces are ignored, so the new ivar is approximate); pixels fed by masked input pixels,
-or outside the input footprint, get ivar = 0. Same-scale stamps of another size are cropped or
-padded by whole pixels (exact).
+The image is the surface of a ``galsim.InterpolatedImage`` (``normalization='flux'``, quintic
+interpolant) recentred on the brightest source near the centre. Upsampling samples it at the
+new pixel centres (GalSim, 'no_pixel'); downsampling integrates it over each new pixel -- a
+separable linear map ``A_y X A_x^T`` whose weights are the interpolant's integrals over the new
+pixels (:func:`resample_flux`), identical to GalSim's drawing with the pixel response but
+without its FFT of the fine grid. Total flux is conserved either way. The variance map is
+resampled the same way (noise per unit area conserved; the pixel correlations this introduces
+are ignored, so the new ivar is approximate); pixels fed by masked input pixels, or outside the
+input footprint, get ivar = 0. Same-scale stamps of another size are cropped or padded by whole
+pixels (exact).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from sim2obs.errors import Sim2ObsValueError
 
 if TYPE_CHECKING:
     from sim2obs.data.ingest import BandData
@@ -43,22 +49,108 @@ def _crop(arr: np.ndarray, centre: tuple[int, int], stamp: int, fill: float = 0.
     return out
 
 
-def resample_flux(arr: np.ndarray, scale_in: float, scale_out: float, stamp: int,
-                  centre: tuple[float, float], interpolant: str = "quintic") -> np.ndarray:
-    """Flux-conserving resampling with ``galsim.InterpolatedImage``: pixel ``centre`` (y, x) of
-    ``arr`` lands on pixel (stamp//2, stamp//2) of the output."""
+#: Gauss-Legendre nodes per piece of an output pixel (pieces end at every half-integer input
+#: coordinate, where the interpolants' pieces meet): exact for polynomial kernels up to degree 11
+#: (linear, cubic, quintic are degree <= 5), ~1e-12 for Lanczos' smooth pieces.
+_GAUSS_NODES = np.polynomial.legendre.leggauss(6)
+
+#: Kernels wider than this (sinc: ~3e4 px) are integrated by GalSim's FFT drawing instead.
+_MAX_SEPARABLE_XRANGE = 16.0
+
+
+def _interpolant(name: str):
+    import galsim
+
+    try:
+        return galsim.Interpolant.from_name(name)
+    except (ValueError, galsim.GalSimValueError) as err:
+        raise Sim2ObsValueError(
+            f"interpolant '{name}' unknown to galsim.Interpolant.from_name; use e.g. 'quintic', "
+            "'cubic', 'linear' or 'lanczos5'"
+        ) from err
+
+
+@functools.lru_cache(maxsize=64)  # the image, variance, mask and cover of a band share one geometry
+def _integration_matrix(n_in: int, ratio: float, stamp: int, centre: float, interpolant: str) -> np.ndarray:
+    """(stamp, n_in) weights ``A[o, i] = integral of K(u - i) du over output pixel o``.
+
+    Coordinates ``u`` are in input pixels (pixel i's centre at u = i); output pixel o covers
+    ``centre + (o - stamp // 2) * ratio +- ratio / 2`` and ``K`` is the 1-D interpolation kernel
+    of GalSim's ``interpolant`` (``Interpolant.xval``). The interpolated surface of a stamp X is
+    ``f(u, v) = sum_ij X[i, j] K(v - i) K(u - j)`` (``galsim.InterpolatedImage`` with
+    ``normalization='flux'``: pixel values are fluxes), so the flux in output pixel (o, p) is
+    ``(A_y X A_x^T)[o, p]`` exactly. Each output pixel's interval is cut at every half-integer
+    ``u`` (where the kernels' polynomial pieces meet, also for 'nearest') and each piece is
+    integrated with 6-point Gauss-Legendre quadrature; input pixels outside the stamp count as 0
+    (as GalSim's zero padding).
+    """
+    kernel = _interpolant(interpolant)
+    reach = int(np.ceil(kernel.xrange))
+    edges = centre + (np.arange(stamp + 1) - stamp // 2 - 0.5) * ratio
+    halves = np.arange(np.ceil(2 * edges[0]), np.floor(2 * edges[-1]) + 1) / 2
+    cuts = np.unique(np.concatenate([edges, halves]))
+    lo, hi = cuts[:-1], cuts[1:]
+    pixel = np.searchsorted(edges, (lo + hi) / 2, side="right") - 1  # output pixel of each piece
+    t, w = _GAUSS_NODES
+    half = (hi - lo)[:, None] / 2
+    u = ((lo + hi)[:, None] / 2 + half * t).ravel()  # nodes (pieces x 6)
+    wu = (half * w).ravel()
+    o = np.repeat(pixel, len(t))
+    i = np.floor(u)[:, None] + np.arange(-reach, reach + 2)  # every input pixel within reach
+    inside = (i >= 0) & (i < n_in)
+    vals = np.zeros(i.shape)
+    vals[inside] = kernel.xval(u[:, None].repeat(i.shape[1], 1)[inside] - i[inside])
+    flat = (o[:, None] * n_in + np.where(inside, i, 0).astype(np.int64)).ravel()
+    a = np.bincount(flat, weights=(vals * wu[:, None]).ravel(), minlength=stamp * n_in)
+    a = a.reshape(stamp, n_in)
+    a.flags.writeable = False  # cached: shared by later calls
+    return a
+
+
+def _galsim_draw(arr: np.ndarray, scale_in: float, scale_out: float, stamp: int,
+                 centre: tuple[float, float], interpolant: str, method: str) -> np.ndarray:
+    """``galsim.InterpolatedImage`` of ``arr`` drawn with ``method`` so that input pixel
+    ``centre`` lands on output pixel (stamp // 2, stamp // 2)."""
     import galsim
 
     h, w = arr.shape
     ii = galsim.InterpolatedImage(galsim.Image(np.ascontiguousarray(arr, dtype=np.float64), scale=scale_in),
-                                  normalization="flux", x_interpolant=interpolant,
+                                  normalization="flux", x_interpolant=_interpolant(interpolant),
                                   calculate_stepk=False, calculate_maxk=False)
     dx = (centre[1] - (w - 1) / 2) * scale_in
     dy = (centre[0] - (h - 1) / 2) * scale_in
-    method = "auto" if scale_out > scale_in else "no_pixel"
     img = ii.shift(-dx, -dy).drawImage(nx=stamp, ny=stamp, scale=scale_out, method=method,
                                        use_true_center=False)
     return img.array.astype(np.float64)
+
+
+def resample_flux(arr: np.ndarray, scale_in: float, scale_out: float, stamp: int,
+                  centre: tuple[float, float], interpolant: str = "quintic") -> np.ndarray:
+    """Flux-conserving resampling of ``arr`` (fluxes per pixel) from ``scale_in`` to
+    ``scale_out`` arcsec/pixel onto a (stamp, stamp) grid: pixel ``centre`` (y, x) of ``arr``
+    lands on pixel (stamp//2, stamp//2) of the output.
+
+    The image is the surface of ``galsim.InterpolatedImage(normalization='flux')`` with GalSim's
+    ``interpolant``. Upsampling (``scale_out <= scale_in``) samples it at the new pixel centres
+    (GalSim, method 'no_pixel'). Downsampling integrates it over each new pixel, which is
+    separable: ``A_y arr A_x^T`` with ``A`` the kernel's integrals over the new pixels
+    (:func:`_integration_matrix`) -- the same linear map as GalSim's drawing with the pixel
+    response (method 'auto', an FFT; its impulse responses agree to GalSim's folding and
+    ``maxk`` accuracy, see the tests), without the FFT of the fine grid: 0.05" -> 0.2" on a
+    160-pixel cutout took GalSim 3.9 s and ~1 GB per call (0.03" COSMOS cutouts: 14 s, 4 GB).
+    """
+    arr = np.asarray(arr, dtype=np.float64)
+    if arr.ndim != 2:
+        raise Sim2ObsValueError(f"resample_flux: expects a 2-D image, got shape {arr.shape}")
+    if not (scale_in > 0 and scale_out > 0):
+        raise Sim2ObsValueError(f"resample_flux: pixel scales must be > 0, got {scale_in} and {scale_out}")
+    if scale_out <= scale_in or _interpolant(interpolant).xrange > _MAX_SEPARABLE_XRANGE:
+        return _galsim_draw(arr, scale_in, scale_out, stamp, centre, interpolant,
+                            "no_pixel" if scale_out <= scale_in else "auto")
+    ratio = scale_out / scale_in
+    a_y = _integration_matrix(arr.shape[0], ratio, stamp, float(centre[0]), interpolant)
+    a_x = _integration_matrix(arr.shape[1], ratio, stamp, float(centre[1]), interpolant)
+    return a_y @ arr @ a_x.T
 
 
 def _regrid_band(bd: BandData, scale_out: float, stamp: int, centre, psf_stamp: int) -> None:
