@@ -135,7 +135,10 @@ def _to_stamp(arr: np.ndarray, scale_in: float, scale_out: float, stamp: int) ->
     """(image, coverage 0..1, record): ``arr`` on a ``stamp`` grid at ``scale_out`` with the
     input's true centre on the output's true centre, flux conserved."""
     h, w = arr.shape
-    shift = 0.5 if stamp % 2 == 0 else 0.0
+    # pixel stamp//2 lies half an *output* pixel past an even stamp's true centre: that many
+    # input pixels past the input's true centre (sim2obs < 0.2.3 used half an input pixel, which
+    # put resampled galaxies 0.5 (1 - scale_in / scale_out) output pixels off centre)
+    shift = 0.5 * scale_out / scale_in if stamp % 2 == 0 else 0.0
     cy, cx = (h - 1) / 2 + shift, (w - 1) / 2 + shift  # input point that lands on pixel stamp//2
     same = abs(scale_in - scale_out) <= 1e-4 * scale_out
     if same and float(cy).is_integer() and float(cx).is_integer():
