@@ -55,7 +55,7 @@ from sim2obs.data.ingest import (
     assemble,
     write_ingested,
 )
-from sim2obs.data.resample import _crop, resample_flux
+from sim2obs.data.resample import _crop, resample_flux, true_centre_source
 from sim2obs.errors import Sim2ObsFileNotFoundError
 
 COSMOS_F814W_ZEROPOINT = 25.94
@@ -135,12 +135,11 @@ def _to_stamp(arr: np.ndarray, scale_in: float, scale_out: float, stamp: int) ->
     """(image, coverage 0..1, record): ``arr`` on a ``stamp`` grid at ``scale_out`` with the
     input's true centre on the output's true centre, flux conserved."""
     h, w = arr.shape
-    # pixel stamp//2 lies half an *output* pixel past an even stamp's true centre: that many
-    # input pixels past the input's true centre (sim2obs < 0.2.3 used half an input pixel, which
-    # put resampled galaxies 0.5 (1 - scale_in / scale_out) output pixels off centre)
-    shift = 0.5 * scale_out / scale_in if stamp % 2 == 0 else 0.0
-    cy, cx = (h - 1) / 2 + shift, (w - 1) / 2 + shift  # input point that lands on pixel stamp//2
     same = abs(scale_in - scale_out) <= 1e-4 * scale_out
+    # the input point that lands on pixel stamp//2 (sim2obs < 0.2.3 put it half an *input* pixel
+    # past the centre of even stamps: resampled galaxies sat 0.5 (1 - scale_in / scale_out) px off)
+    to = scale_in if same else scale_out
+    cy, cx = true_centre_source(h, stamp, scale_in, to), true_centre_source(w, stamp, scale_in, to)
     if same and float(cy).is_integer() and float(cx).is_integer():
         centre = (int(cy), int(cx))
         return (_crop(arr, centre, stamp), _crop(np.ones_like(arr), centre, stamp),

@@ -107,28 +107,38 @@ def _integration_matrix(n_in: int, ratio: float, stamp: int, centre: float, inte
     return a
 
 
-def _galsim_draw(arr: np.ndarray, scale_in: float, scale_out: float, stamp: int,
+def _galsim_draw(arr: np.ndarray, scale_in: float, scale_out: float, stamp: int | tuple[int, int],
                  centre: tuple[float, float], interpolant: str, method: str) -> np.ndarray:
     """``galsim.InterpolatedImage`` of ``arr`` drawn with ``method`` so that input pixel
-    ``centre`` lands on output pixel (stamp // 2, stamp // 2)."""
+    ``centre`` lands on output pixel (ny // 2, nx // 2) of a ``stamp`` (int or (ny, nx)) grid."""
     import galsim
 
     h, w = arr.shape
+    ny, nx = (stamp, stamp) if np.isscalar(stamp) else stamp
     ii = galsim.InterpolatedImage(galsim.Image(np.ascontiguousarray(arr, dtype=np.float64), scale=scale_in),
                                   normalization="flux", x_interpolant=_interpolant(interpolant),
                                   calculate_stepk=False, calculate_maxk=False)
     dx = (centre[1] - (w - 1) / 2) * scale_in
     dy = (centre[0] - (h - 1) / 2) * scale_in
-    img = ii.shift(-dx, -dy).drawImage(nx=stamp, ny=stamp, scale=scale_out, method=method,
+    img = ii.shift(-dx, -dy).drawImage(nx=nx, ny=ny, scale=scale_out, method=method,
                                        use_true_center=False)
     return img.array.astype(np.float64)
 
 
-def resample_flux(arr: np.ndarray, scale_in: float, scale_out: float, stamp: int,
+def true_centre_source(n_in: int, n_out: int, scale_in: float, scale_out: float) -> float:
+    """The input coordinate (pixels, 0 = first pixel's centre) to pass as ``centre`` to
+    :func:`resample_flux` so that the input's true centre ``(n_in - 1) / 2`` lands on the
+    output's true centre ``(n_out - 1) / 2``: pixel ``n_out // 2`` lies half an output pixel
+    past it when ``n_out`` is even, i.e. ``0.5 scale_out / scale_in`` input pixels."""
+    return (n_in - 1) / 2 + (0.5 * scale_out / scale_in if n_out % 2 == 0 else 0.0)
+
+
+def resample_flux(arr: np.ndarray, scale_in: float, scale_out: float, stamp: int | tuple[int, int],
                   centre: tuple[float, float], interpolant: str = "quintic") -> np.ndarray:
     """Flux-conserving resampling of ``arr`` (fluxes per pixel) from ``scale_in`` to
-    ``scale_out`` arcsec/pixel onto a (stamp, stamp) grid: pixel ``centre`` (y, x) of ``arr``
-    lands on pixel (stamp//2, stamp//2) of the output.
+    ``scale_out`` arcsec/pixel onto a ``stamp`` (an int for square stamps, or (ny, nx)) grid:
+    pixel ``centre`` (y, x) of ``arr`` lands on pixel (ny // 2, nx // 2) of the output
+    (:func:`true_centre_source` gives the centre that keeps the true centre).
 
     The image is the surface of ``galsim.InterpolatedImage(normalization='flux')`` with GalSim's
     ``interpolant``. Upsampling (``scale_out <= scale_in``) samples it at the new pixel centres
@@ -144,12 +154,13 @@ def resample_flux(arr: np.ndarray, scale_in: float, scale_out: float, stamp: int
         raise Sim2ObsValueError(f"resample_flux: expects a 2-D image, got shape {arr.shape}")
     if not (scale_in > 0 and scale_out > 0):
         raise Sim2ObsValueError(f"resample_flux: pixel scales must be > 0, got {scale_in} and {scale_out}")
+    ny, nx = (stamp, stamp) if np.isscalar(stamp) else (int(v) for v in stamp)
     if scale_out <= scale_in or _interpolant(interpolant).xrange > _MAX_SEPARABLE_XRANGE:
-        return _galsim_draw(arr, scale_in, scale_out, stamp, centre, interpolant,
+        return _galsim_draw(arr, scale_in, scale_out, (ny, nx), centre, interpolant,
                             "no_pixel" if scale_out <= scale_in else "auto")
     ratio = scale_out / scale_in
-    a_y = _integration_matrix(arr.shape[0], ratio, stamp, float(centre[0]), interpolant)
-    a_x = _integration_matrix(arr.shape[1], ratio, stamp, float(centre[1]), interpolant)
+    a_y = _integration_matrix(arr.shape[0], ratio, ny, float(centre[0]), interpolant)
+    a_x = _integration_matrix(arr.shape[1], ratio, nx, float(centre[1]), interpolant)
     return a_y @ arr @ a_x.T
 
 

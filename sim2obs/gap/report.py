@@ -59,22 +59,25 @@ def resample_shard(shard: Shard, pixel_scale: float, stamp: tuple[int, int],
                    psf_size: int | None = None) -> Shard:
     """Redraw every cutout of ``shard`` on a grid of ``pixel_scale`` arcsec and ``stamp`` pixels.
 
-    Each band image becomes a ``galsim.InterpolatedImage`` (Lanczos-3, flux in nanomaggies per
-    pixel -> surface brightness) drawn with ``method='no_pixel'`` (the input already includes the
-    pixel response), so total flux is conserved. Noise becomes spatially correlated and its
-    level changes by about the ratio of pixel scales; ``ivar`` is dropped (it no longer
-    describes independent pixels). The PSF images are resampled the same way and renormalised.
+    Each band image (flux in nanomaggies per pixel) becomes the surface of a
+    ``galsim.InterpolatedImage`` (Lanczos-3) with its true centre on the new stamp's true centre
+    (:func:`sim2obs.data.resample.resample_flux`): sampled at the new pixel centres when they are
+    finer (the input already includes its pixel response) and integrated over each new pixel when
+    they are coarser, as a coarser detector would collect it; total flux is conserved either way.
+    Noise becomes spatially correlated and its level changes by about the ratio of pixel scales;
+    ``ivar`` is dropped (it no longer describes independent pixels). The PSF images are resampled
+    the same way and renormalised.
     """
-    import galsim
+    from sim2obs.data.resample import resample_flux, true_centre_source
 
     old = shard.attrs.pixel_scale_arcsec
     ny, nx = stamp
 
     def redraw(arr, nx_, ny_):
         arr = np.where(np.isfinite(arr), arr, 0.0).astype(np.float64)
-        ii = galsim.InterpolatedImage(galsim.Image(arr, scale=old), x_interpolant="lanczos3",
-                                      calculate_stepk=False, calculate_maxk=False)
-        return ii.drawImage(nx=nx_, ny=ny_, scale=pixel_scale, method="no_pixel").array
+        centre = (true_centre_source(arr.shape[0], ny_, old, pixel_scale),
+                  true_centre_source(arr.shape[1], nx_, old, pixel_scale))
+        return resample_flux(arr, old, pixel_scale, (ny_, nx_), centre, interpolant="lanczos3")
 
     n, b = shard.images.shape[:2]
     images = np.empty((n, b, ny, nx), np.float32)
