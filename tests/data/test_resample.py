@@ -98,6 +98,15 @@ def test_nearest_integer_ratio_is_an_exact_block_sum_with_noise_variance_ratio_s
     assert big.var() == pytest.approx(16.0, rel=0.05)  # 1e4 samples: 1.4 % standard error
 
 
+@pytest.mark.parametrize("scale_out", [0.1, 0.3])  # finer (GalSim) and coarser (integrated)
+def test_rectangular_stamps_are_crops_of_the_square_grid(scale_out):
+    """A (ny, nx) stamp is the same grid as a square one, cropped about pixel (ny // 2, nx // 2)."""
+    img = _gaussian(40, (19.0, 21.3), 3.0) + np.random.default_rng(5).normal(0, 0.01, (40, 40))
+    square = resample_flux(img, 0.168, scale_out, 24, (20.0, 20.0))
+    rect = resample_flux(img, 0.168, scale_out, (20, 24), (20.0, 20.0))
+    np.testing.assert_allclose(rect, square[2:22], rtol=0, atol=1e-12)
+
+
 def test_resample_rejects_bad_input():
     img = np.ones((10, 10))
     with pytest.raises(Sim2ObsValueError, match="interpolant 'bicubic' unknown"):
