@@ -18,7 +18,9 @@
 * where the data path's time goes: each stage on one thread, per step.
 
 Ratios are taken within this run (machines here are noisy). Usage:
-``python benchmarks/pretrain.py [--n 1536] [--batch-size 64] [--steps 20] [--quick]``.
+``python benchmarks/pretrain.py [--n 1536] [--batch-size 64] [--steps 20] [--quick]``; with
+``SIM2OBS_RETAIN_FREED_MEMORY=0`` glibc's malloc returns freed blocks to the system as before
+0.2.3 (:mod:`sim2obs._memory`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import make_synthetic_shards  # noqa: E402  (synthetic shards with known noise)
 
 from sim2obs import encoders  # noqa: E402
+from sim2obs._memory import retain_freed_memory  # noqa: E402
 from sim2obs.data.dataset import Normalizer, ShardDataset  # noqa: E402
 from sim2obs.pretrain.losses import NTXentLoss  # noqa: E402
 from sim2obs.pretrain.train import PretrainConfig, SSLModel, autocast_dtype, pretrain  # noqa: E402
@@ -98,7 +101,8 @@ def loader_rate(folder: Path, cfg: PretrainConfig, steps: int, device: torch.dev
     ds = ShardDataset([folder], split="train", val_fraction=cfg.val_fraction)
     norm = Normalizer.from_noise(ds)
     aug = build_augment(cfg, ds).to(device)
-    views = (LoaderViews(build_augment(cfg, ds), norm, cfg.seed, cfg.channels_last and device.type == "cpu")
+    views = (LoaderViews(build_augment(cfg, ds), norm, cfg.seed, cfg.channels_last and device.type == "cpu",
+                         dtype=autocast_dtype(cfg.precision, device))
              if cfg.augment_on == "loader" else None)  # its own (CPU) copy, as pretrain builds it
     loader = torch.utils.data.DataLoader(PairDataset(ds, True, 0, views=views), batch_size=cfg.batch_size,
                                          shuffle=True, drop_last=True, collate_fn=_collate,
@@ -168,6 +172,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps (training: per epoch, 2 epochs)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke run, < 1 min)")
     args = p.parse_args()
+    # as the sim2obs command does for its process (and pretrain for its DataLoader workers), so the
+    # bare loop and sim2obs run under the same allocator settings; SIM2OBS_RETAIN_FREED_MEMORY=0
+    # compares with glibc's default (sim2obs < 0.2.3)
+    retained = retain_freed_memory()
     if args.quick:
         args.n, args.stamp, args.batch_size, args.steps = 160, 32, 32, 3
     threads = torch.get_num_threads()
@@ -178,7 +186,7 @@ def main() -> None:
         x = torch.from_numpy(ShardDataset([folder]).raw_many(np.arange(args.n))[0])
         print(f"{args.n} synthetic 5-band {args.stamp}x{args.stamp} galaxies, global batch "
               f"{args.batch_size}, {args.steps} timed steps, torch {torch.__version__}, "
-              f"{threads} threads")
+              f"{threads} threads, freed memory {'kept (mallopt)' if retained else 'released (glibc default)'}")
         for dev in devices:
             name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
             # (label, model threads, where the augmentations run, DataLoader workers)

@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+from sim2obs._memory import retain_freed_memory
 from sim2obs.errors import Sim2ObsError
 
 EPILOG = "Each subcommand has its own --help. Docs: README.md; file formats: DESIGN.md."
@@ -667,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         set_threads(args.threads)
+    retain_freed_memory()  # this process reuses its freed batch buffers (sim2obs._memory)
     try:
         return int(args.func(args) or 0)
     except Sim2ObsError as exc:

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sim2obs._memory import retain_freed_memory
 from sim2obs.data.dataset import Normalizer, ShardDataset
 from sim2obs.errors import Sim2ObsDataError, Sim2ObsValueError
 from sim2obs.pretrain.checkpoint import (  # noqa: F401  (re-exported: the run API)
@@ -317,6 +318,17 @@ def _make_loss(config: PretrainConfig, gather: bool) -> nn.Module:
     return VICRegLoss(gather=gather)
 
 
+def _loader_views_dtype(config: PretrainConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype views made in DataLoader workers travel in: the autocast dtype of a bf16/fp16
+    run (the model's first convolution would round them to it anyway), else float32 (None)."""
+    return autocast_dtype(config.precision, device)
+
+
+def _worker_init(worker_id: int) -> None:
+    """DataLoader workers keep their freed batch buffers (:mod:`sim2obs._memory`)."""
+    retain_freed_memory()
+
+
 def _generator(device: torch.device, seed: int, *keys: int) -> torch.Generator:
     g = torch.Generator(device=device if device.type == "cuda" else "cpu")
     g.manual_seed(int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0]))
@@ -458,7 +470,7 @@ def _pretrain(folders, out_dir, config: PretrainConfig, device: str, resume: boo
         loader = torch.utils.data.DataLoader(
             train_ds, batch_size=local_batch, drop_last=True, num_workers=config.num_workers,
             collate_fn=functools.partial(collate_same_pairs, survey_names=survey_names(train_ds)),
-            pin_memory=dev.type == "cuda",
+            pin_memory=dev.type == "cuda", worker_init_fn=_worker_init,
             generator=_generator(torch.device("cpu"), config.seed, 10**6 + 1, dist_info.rank))
         n_batches = train_ds.batches_per_epoch(local_batch, config.num_workers)
         if n_batches == 0:
@@ -470,7 +482,8 @@ def _pretrain(folders, out_dir, config: PretrainConfig, device: str, resume: boo
         epoch_aware: list = [train_ds]
     else:
         views = (LoaderViews(build_augment(config, train_ds), normalizer, config.seed,
-                             channels_last=config.channels_last and dev.type == "cpu")
+                             channels_last=config.channels_last and dev.type == "cpu",
+                             dtype=_loader_views_dtype(config, dev))
                  if config.augment_on == "loader" else None)
         pairs = PairDataset(train_ds, config.cross_survey, config.seed, views=views)
         sampler = EpochSampler(torch.utils.data.distributed.DistributedSampler(
@@ -480,7 +493,8 @@ def _pretrain(folders, out_dir, config: PretrainConfig, device: str, resume: boo
             pairs, batch_size=local_batch, sampler=sampler, drop_last=True,
             num_workers=config.num_workers, collate_fn=_collate,
             generator=_generator(torch.device("cpu"), config.seed, 10**6 + 1, dist_info.rank),
-            persistent_workers=config.num_workers > 0, pin_memory=dev.type == "cuda")
+            persistent_workers=config.num_workers > 0, pin_memory=dev.type == "cuda",
+            worker_init_fn=_worker_init)
         n_batches = len(loader)
         epoch_aware = [sampler, pairs]
     steps_per_epoch = n_batches if max_steps_per_epoch is None else min(n_batches, max_steps_per_epoch)

@@ -188,3 +188,31 @@ def test_augment_on_loader_same_run_for_any_num_workers(synthetic_folders, tmp_p
         PretrainConfig(augment_on="gpu")
     with pytest.raises(Sim2ObsValueError, match="--stream"):
         PretrainConfig(augment_on="loader", stream=True)
+
+
+def test_bf16_loader_views_travel_in_bf16_with_the_same_training(synthetic_folders, tmp_path, monkeypatch):
+    """bf16 runs with --augment-on loader: the workers send views already rounded to bfloat16
+    (half the bytes); autocast would have rounded the float32 views the same way at the first
+    convolution, so the weights are bit-identical to a run whose views travel in float32."""
+    import sim2obs.pretrain.train as train_mod
+    from sim2obs.data.dataset import Normalizer, ShardDataset
+    from sim2obs.pretrain.views import LoaderViews, PairDataset, build_augment
+
+    cfg = PretrainConfig(augment_on="loader", precision="bf16", channels_last=True, **TINY)
+    cpu = torch.device("cpu")
+    assert train_mod._loader_views_dtype(cfg, cpu) == torch.bfloat16
+    assert train_mod._loader_views_dtype(dataclasses_replace(cfg, precision="fp32"), cpu) is None
+    bf16 = pretrain([synthetic_folders[0]], tmp_path / "bf16", cfg, progress=False, max_steps_per_epoch=3)
+    monkeypatch.setattr(train_mod, "_loader_views_dtype", lambda config, device: None)
+    fp32 = pretrain([synthetic_folders[0]], tmp_path / "fp32", cfg, progress=False, max_steps_per_epoch=3)
+    a, b = (load_checkpoint(r)["model"] for r in (bf16, fp32))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    # the views themselves: the float32 ones rounded, in channels_last
+    ds = ShardDataset([synthetic_folders[0]])
+    norm, aug = Normalizer.from_noise(ds), build_augment(cfg, ds)
+    keys = [(0, 3), (0, 7)]
+    x32 = PairDataset(ds, False, 0, views=LoaderViews(aug, norm, 0, True)).__getitems__(keys)[0]
+    x16 = PairDataset(ds, False, 0, views=LoaderViews(aug, norm, 0, True, torch.bfloat16)).__getitems__(keys)[0]
+    assert x16.dtype == torch.bfloat16 and x16.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x16, x32.to(torch.bfloat16), rtol=0, atol=0)
