@@ -29,11 +29,13 @@ Without any of these the file is refused unless ``uncalibrated=True``
 (:mod:`sim2obs.data.calibration`, with the constants' sources).
 
 Resampling (:mod:`sim2obs.data.resample`; when the pixel scale differs from the target survey's, or the stamp size differs): the
-image is an ``galsim.InterpolatedImage`` (normalization='flux') recentred on the brightest source
-near the centre and drawn at the target scale (method 'no_pixel' when upsampling, 'auto' -- i.e.
-integrated over the new pixel -- when downsampling), so total flux is conserved. The variance map
-is resampled the same way (quintic; a linear interpolant needs huge FFTs) (noise per unit area conserved; the pixel
-correlations this introduces are ignored, so the new ivar is approximate). Pixels fed by masked
+image is the quintic ``galsim.InterpolatedImage`` (normalization='flux') surface recentred on the
+brightest source near the centre, sampled at the new pixel centres when they are finer and
+integrated over each new pixel when they are coarser (flux conserved exactly for sources inside
+the cutout; the new pixels then carry the input's pixel response convolved with their own, as in
+drizzling). The ivar is each new pixel's exact noise variance for independent input pixels
+(:func:`~sim2obs.data.resample.resample_variance`; the resampled noise is correlated between
+neighbours, which a per-pixel ivar cannot say). Pixels fed by masked
 input pixels, or outside the input footprint, get ivar = 0. Same-scale stamps of another size are
 cropped/padded by whole pixels around the brightest source (exact). Everything is recorded.
 """

@@ -18,9 +18,10 @@ images"). So for band F814W: f[nmgy] = f[counts/s] x 10^(-0.4 (25.94 - 22.5)). O
 the AB zeropoint GalSim lists for them in ``galsim.real.real_galaxy_bandpasses`` (assuming count
 rates as for COSMOS; its F814W entry is 25.94333, 0.3 % from 25.94); ``--zeropoint`` overrides.
 
-ivar: 1 / (noise_variance x multiplier^2), constant over the stamp (the COSMOS noise is
-correlated -- GalSim gives a noise correlation image via ``noise_filename`` -- but only the
-variance enters the ivar; recorded). Pixels padded outside the native stamp, and after an
+ivar: 1 / (noise_variance x multiplier^2) -- after a resampling, the variance each new pixel gets
+from independent native pixels (:func:`~sim2obs.data.resample.resample_variance`) -- (the
+COSMOS noise is correlated -- GalSim gives a noise correlation image via ``noise_filename`` --
+but only the variance enters the ivar; recorded). Pixels padded outside the native stamp, and after an
 interpolation those whose interpolant reaches past the native edge, get ivar = 0; NaN pixels get
 image 0 and ivar 0.
 
@@ -55,7 +56,7 @@ from sim2obs.data.ingest import (
     assemble,
     write_ingested,
 )
-from sim2obs.data.resample import _crop, resample_flux, true_centre_source
+from sim2obs.data.resample import _crop, resample_flux, resample_variance, true_centre_source
 from sim2obs.errors import Sim2ObsFileNotFoundError
 
 COSMOS_F814W_ZEROPOINT = 25.94
@@ -144,12 +145,24 @@ def _to_stamp(arr: np.ndarray, scale_in: float, scale_out: float, stamp: int) ->
         centre = (int(cy), int(cx))
         return (_crop(arr, centre, stamp), _crop(np.ones_like(arr), centre, stamp),
                 {"kind": "crop/pad (whole pixels)", "centre_yx": [cy, cx], "stamp": stamp})
-    out = resample_flux(arr, scale_in, scale_out, stamp, (cy, cx))
-    area = (scale_out / scale_in) ** 2
-    cover = resample_flux(np.ones_like(arr), scale_in, scale_out, stamp, (cy, cx)) / area
+    out = resample_flux(arr, scale_in, to, stamp, (cy, cx))
+    area = (to / scale_in) ** 2
+    cover = resample_flux(np.ones_like(arr), scale_in, to, stamp, (cy, cx)) / area
     kind = ("half-pixel shift" if same else "resampled") + " with galsim.InterpolatedImage(normalization='flux')"
     return out, cover, {"kind": kind, "from_arcsec": scale_in, "to_arcsec": scale_out,
                         "centre_yx": [cy, cx], "stamp": stamp}
+
+
+def _stamp_variance(shape: tuple[int, int], var: float, record: dict) -> np.ndarray | float:
+    """Per-pixel noise variance of :func:`_to_stamp`'s image for independent native pixels of
+    variance ``var``: unchanged by a whole-pixel cut, else propagated through the resampling
+    weights (:func:`~sim2obs.data.resample.resample_variance`)."""
+    if record["kind"].startswith("crop"):
+        return var
+    same = abs(record["from_arcsec"] - record["to_arcsec"]) <= 1e-4 * record["to_arcsec"]
+    to = record["from_arcsec"] if same else record["to_arcsec"]
+    return resample_variance(np.full(shape, float(var)), record["from_arcsec"], to, record["stamp"],
+                             tuple(record["centre_yx"]))
 
 
 def _read_object(cat, i: int, scale_out: float, stamp: int, psf_stamp: int, opts: IngestOptions,
@@ -189,7 +202,7 @@ def _read_object(cat, i: int, scale_out: float, stamp: int, psf_stamp: int, opts
     out, cover, regrid = _to_stamp(img, scale_in, scale_out, stamp)
     area = (scale_out / scale_in) ** 2
     badmap = _to_stamp(bad.astype(np.float64), scale_in, scale_out, stamp)[0] if n_nan else 0.0
-    var_out = var * area  # noise variance per output pixel (uncorrelated approximation)
+    var_out = _stamp_variance(img.shape, var, regrid)  # per output pixel (correlations ignored)
     ok = (np.abs(cover - 1.0) < 1e-3) & (badmap / area < 1e-3)  # interpolant ringing at edges -> 0
     ivar = np.where(ok, 1.0 / (var_out * mult**2), 0.0)
     p = psf.array.astype(np.float64)
@@ -206,7 +219,8 @@ def _read_object(cat, i: int, scale_out: float, stamp: int, psf_stamp: int, opts
             "pixel_scale_arcsec": scale_in, "pixel_scale_from": "catalogue pixel_scale",
             "noise_variance": var, "noise_file": noise_file,
             "ivar": "1 / (noise_variance x multiplier^2)"
-                    + (" x pixel-area ratio" if area != 1 else "") + ", constant; "
+                    + ("" if regrid["kind"].startswith("crop") else
+                       " propagated per pixel through the resampling weights") + "; "
                     + ("noise correlations (noise_file) ignored" if noise_im is not None
                        else "uncorrelated noise"),
             "calibration": dict(cal, band=band, multiplier=mult), "n_nan_native": n_nan,
