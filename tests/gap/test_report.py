@@ -95,6 +95,18 @@ def test_resample_conserves_flux(sets):
     # stored as float32
     np.testing.assert_allclose(r.images.sum((2, 3)), s.images.sum((2, 3)), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(r.psf.sum((2, 3)), 1, rtol=1e-5)
+    # true centre on true centre: each galaxy's centroid keeps its offset from the stamp's true
+    # centre, in arcsec (to 0.01", 1/30 of the new pixel)
+
+    def offset(images, scale):
+        n = images.shape[-1]
+        y, x = np.mgrid[:n, :n]
+        w = images.sum(1).astype(np.float64)  # bands summed
+        tot = w.sum((1, 2))
+        return np.stack([(w * y).sum((1, 2)) / tot, (w * x).sum((1, 2)) / tot], 1) - (n - 1) / 2, scale
+
+    before, after = offset(s.images, 0.168), offset(r.images, 0.3)
+    np.testing.assert_allclose(after[0] * after[1], before[0] * before[1], atol=0.01)
     assert check_compatible(s, s) is s
 
 
