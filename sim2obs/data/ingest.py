@@ -35,8 +35,9 @@ integrated over each new pixel when they are coarser (flux conserved exactly for
 the cutout; the new pixels then carry the input's pixel response convolved with their own, as in
 drizzling). The ivar is each new pixel's exact noise variance for independent input pixels
 (:func:`~sim2obs.data.resample.resample_variance`; the resampled noise is correlated between
-neighbours, which a per-pixel ivar cannot say). Pixels fed by masked
-input pixels, or outside the input footprint, get ivar = 0. Same-scale stamps of another size are
+neighbours, which a per-pixel ivar cannot say). Masked input pixels are zeroed first; new
+pixels that draw 1e-3 or more of their absolute weight from them, or whose interpolant reaches
+past the input footprint, get ivar = 0. Same-scale stamps of another size are
 cropped/padded by whole pixels around the brightest source (exact). Everything is recorded.
 """
 

@@ -56,7 +56,13 @@ from sim2obs.data.ingest import (
     assemble,
     write_ingested,
 )
-from sim2obs.data.resample import _crop, resample_flux, resample_variance, true_centre_source
+from sim2obs.data.resample import (
+    _crop,
+    masked_weight_fraction,
+    resample_flux,
+    resample_variance,
+    true_centre_source,
+)
 from sim2obs.errors import Sim2ObsFileNotFoundError
 
 COSMOS_F814W_ZEROPOINT = 25.94
@@ -153,6 +159,17 @@ def _to_stamp(arr: np.ndarray, scale_in: float, scale_out: float, stamp: int) ->
                         "centre_yx": [cy, cx], "stamp": stamp}
 
 
+def _stamp_masked_fraction(bad: np.ndarray, record: dict) -> np.ndarray:
+    """Share of each stamp pixel's absolute weight from the native pixels ``bad`` (1 where bad)
+    under :func:`_to_stamp`'s geometry ``record`` (negative interpolant lobes count too)."""
+    if record["kind"].startswith("crop"):
+        return _crop(bad.astype(np.float64), tuple(int(c) for c in record["centre_yx"]), record["stamp"])
+    same = abs(record["from_arcsec"] - record["to_arcsec"]) <= 1e-4 * record["to_arcsec"]
+    to = record["from_arcsec"] if same else record["to_arcsec"]
+    return masked_weight_fraction(bad.astype(np.float64), record["from_arcsec"], to, record["stamp"],
+                                  tuple(record["centre_yx"]))
+
+
 def _stamp_variance(shape: tuple[int, int], var: float, record: dict) -> np.ndarray | float:
     """Per-pixel noise variance of :func:`_to_stamp`'s image for independent native pixels of
     variance ``var``: unchanged by a whole-pixel cut, else propagated through the resampling
@@ -200,11 +217,10 @@ def _read_object(cat, i: int, scale_out: float, stamp: int, psf_stamp: int, opts
                                  f"--max-nan-fraction {opts.max_nan_fraction})")
     img[bad] = 0.0
     out, cover, regrid = _to_stamp(img, scale_in, scale_out, stamp)
-    area = (scale_out / scale_in) ** 2
-    badmap = _to_stamp(bad.astype(np.float64), scale_in, scale_out, stamp)[0] if n_nan else 0.0
+    from_bad = _stamp_masked_fraction(bad, regrid) if n_nan else 0.0
     var_out = _stamp_variance(img.shape, var, regrid)  # per output pixel (correlations ignored)
-    ok = (np.abs(cover - 1.0) < 1e-3) & (badmap / area < 1e-3)  # interpolant ringing at edges -> 0
-    ivar = np.where(ok, 1.0 / (var_out * mult**2), 0.0)
+    ok = (np.abs(cover - 1.0) < 1e-3) & (from_bad < 1e-3) & (var_out > 0)  # edges, NaN pixels -> 0
+    ivar = np.where(ok, 1.0 / np.where(ok, var_out * mult**2, 1.0), 0.0)
     p = psf.array.astype(np.float64)
     p_total = float(p.sum())
     if not (p_total > 0 and np.all(np.isfinite(p))):

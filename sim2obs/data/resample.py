@@ -163,6 +163,19 @@ def resample_flux(arr: np.ndarray, scale_in: float, scale_out: float, stamp: int
     return a_y @ arr @ a_x.T
 
 
+def masked_weight_fraction(mask: np.ndarray, scale_in: float, scale_out: float,
+                           stamp: int | tuple[int, int], centre: tuple[float, float],
+                           interpolant: str = "quintic") -> np.ndarray:
+    """Share of each new pixel's absolute weight, ``(|A_y| mask |A_x|^T) / (|A_y| 1 |A_x|^T)``,
+    that comes from input pixels where ``mask`` is 1: 0 for pixels no masked pixel reaches.
+    Absolute weights, so the interpolant's negative lobes count as reaching too."""
+    mask = np.asarray(mask, dtype=np.float64)
+    a_y, a_x = _matrices(mask, scale_in, scale_out, stamp, centre, interpolant)
+    abs_y, abs_x = np.abs(a_y), np.abs(a_x)
+    total = abs_y.sum(1)[:, None] * abs_x.sum(1)[None, :]
+    return (abs_y @ mask @ abs_x.T) / np.maximum(total, 1e-300)
+
+
 def resample_variance(var: np.ndarray, scale_in: float, scale_out: float, stamp: int | tuple[int, int],
                       centre: tuple[float, float], interpolant: str = "quintic") -> np.ndarray:
     """Per-pixel noise variance of :func:`resample_flux`'s output for independent input pixels
@@ -184,14 +197,14 @@ def _regrid_band(bd: BandData, scale_out: float, stamp: int, centre, psf_stamp: 
     bad = (bd.ivar <= 0).astype(np.float64)
     var = np.where(bad > 0, 0.0, 1.0 / np.where(bad > 0, 1.0, bd.ivar))
     a_y, a_x = _matrices(bd.image, bd.pixel_scale, scale_out, stamp, centre, "quintic")
-    img = a_y @ bd.image @ a_x.T
+    # masked pixels' values (cosmic rays, bad columns) must not leak into kept new pixels
+    img = a_y @ np.where(bad > 0, 0.0, bd.image) @ a_x.T
     var_out = np.square(a_y) @ var @ np.square(a_x).T  # exact per pixel for independent input pixels
-    # share of each new pixel's (absolute) weight that comes from masked pixels, and the part of
-    # the interpolant's mass inside the cutout
-    abs_y, abs_x = np.abs(a_y), np.abs(a_x)
-    from_bad = (abs_y @ bad @ abs_x.T) / np.maximum(abs_y.sum(1)[:, None] * abs_x.sum(1)[None, :], 1e-300)
+    from_bad = masked_weight_fraction(bad, bd.pixel_scale, scale_out, stamp, centre)
+    # the interpolant's mass inside the cutout: past an edge it is short of 1 -- or above 1,
+    # where the missing pixels would have had negative weights
     cover = (a_y.sum(1)[:, None] * a_x.sum(1)[None, :]) / (scale_out / bd.pixel_scale) ** 2
-    ok = (from_bad < 1e-3) & (cover > 0.999) & (var_out > 0)
+    ok = (from_bad < 1e-3) & (np.abs(cover - 1.0) < 1e-3) & (var_out > 0)
     bd.ivar = np.where(ok, 1.0 / np.where(ok, var_out, 1.0), 0.0)
     bd.image = np.where(cover > 1e-3, img, 0.0)
     rec = {"kind": "galsim.InterpolatedImage(normalization='flux') surface, quintic; coarser pixels "

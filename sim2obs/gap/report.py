@@ -66,7 +66,7 @@ def resample_shard(shard: Shard, pixel_scale: float, stamp: tuple[int, int],
     they are coarser, as a coarser detector would collect it; total flux is conserved either way.
     Noise becomes spatially correlated and its per-pixel level changes: sampling keeps a fraction
     of the surface's (depending on the sub-pixel phase), integrating smooths it with the
-    interpolant and both pixel responses (0.5-0.8 of a plain sum's variance for ratios 1-2;
+    interpolant and both pixel responses (0.45-0.8 of a plain sum's variance for ratios 1-2;
     :func:`sim2obs.data.resample.resample_variance`); ``ivar`` is dropped (it no longer describes
     independent pixels). The PSF images are resampled
     the same way and renormalised.

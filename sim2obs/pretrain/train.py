@@ -318,6 +318,20 @@ def _make_loss(config: PretrainConfig, gather: bool) -> nn.Module:
     return VICRegLoss(gather=gather)
 
 
+def _collect_losses(pending: list[torch.Tensor], losses: list[float], epoch: int) -> None:
+    """Move a window of step losses from the device to ``losses`` in one transfer (emptying
+    ``pending``); a non-finite one stops the run, naming its epoch and step."""
+    values = torch.stack(pending).float().cpu().tolist()
+    pending.clear()
+    for value in values:
+        if not math.isfinite(value):
+            raise Sim2ObsValueError(
+                f"loss became {value} at epoch {epoch + 1} step {len(losses) + 1}: lower --lr, or "
+                "check the inputs for extreme values"
+            )
+        losses.append(value)
+
+
 def _loader_views_dtype(config: PretrainConfig, device: torch.device) -> torch.dtype | None:
     """The dtype views made in DataLoader workers travel in: the autocast dtype of a bf16/fp16
     run (the model's first convolution would round them to it anyway), else float32 (None)."""
@@ -577,6 +591,12 @@ def _pretrain(folders, out_dir, config: PretrainConfig, device: str, resume: boo
             loss = loss[0]
         return loss, ha
 
+    # the losses come to the host (progress bar, non-finite check) every step on the CPU, where
+    # that costs nothing, and every 16 steps on an accelerator: each transfer waits for the
+    # device to finish, so the host could not queue the next step's kernels meanwhile. A
+    # non-finite loss then stops the run up to 15 steps later -- before the epoch's checkpoint,
+    # so the last checkpoint is still clean.
+    sync_every = 1 if dev.type == "cpu" else 16
     for epoch in range(start_epoch, config.epochs):
         for obj in epoch_aware:
             obj.set_epoch(epoch)
@@ -587,17 +607,13 @@ def _pretrain(folders, out_dir, config: PretrainConfig, device: str, resume: boo
                               .generate_state(1)[0]))
         train_model.train()
         t0 = time.perf_counter()
-        losses = []
+        losses: list[float] = []
+        pending: list[torch.Tensor] = []  # this window's losses, still on the device
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not (progress and dist_info.main), leave=False)
         # islice: no batch is fetched past the last step (max_steps_per_epoch)
         for step, (a, b) in enumerate(itertools.islice(loader, steps_per_epoch)):
             loss, _ = step_loss(a, b, gen)
-            if not torch.isfinite(loss):
-                raise Sim2ObsValueError(
-                    f"loss became {loss.item()} at epoch {epoch + 1} step {step}: lower --lr, or "
-                    "check the inputs for extreme values"
-                )
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -606,9 +622,13 @@ def _pretrain(folders, out_dir, config: PretrainConfig, device: str, resume: boo
             scaler.step(opt)
             scaler.update()
             sched.step()
-            losses.append(float(loss.detach()))
+            pending.append(loss.detach())
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if len(pending) >= sync_every or step == steps_per_epoch - 1:
+                _collect_losses(pending, losses, epoch)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if pending:  # a loader that stopped short of steps_per_epoch
+            _collect_losses(pending, losses, epoch)
         bar.close()
         seconds = time.perf_counter() - t0
         train_loss = float(np.mean(losses))

@@ -191,3 +191,45 @@ def test_brightest_near_centre_ignores_a_brighter_source_far_away():
     assert brightest_near_centre(img) == (36, 28)
     img[36, 28] = np.nan  # NaN pixels (unmasked bad data) do not break it
     assert brightest_near_centre(img) in {(35, 28), (36, 27), (36, 28), (36, 29), (37, 28)}
+
+
+def _band(image, scale, ivar):
+    from sim2obs.data.ingest import BandData
+
+    return BandData(image=image.astype(np.float64), pixel_scale=scale, where="test", ivar=ivar.astype(np.float64))
+
+
+def test_regrid_masked_pixels_do_not_leak_and_are_flagged():
+    """A masked pixel (ivar 0) holding a cosmic ray of 1e5 sigma: every new pixel it reaches,
+    through the interpolant's negative lobes too, gets ivar 0, and the kept pixels are exactly
+    those of the same cutout with the ray zeroed -- nothing of it leaks (coarser and finer)."""
+    from sim2obs.data.resample import _regrid_band
+
+    rng = np.random.default_rng(4)
+    noise = rng.normal(0.0, 0.01, (60, 60))
+    ivar = np.full((60, 60), 1e4)
+    ivar[31, 28] = 0.0
+    ray = noise.copy()
+    ray[31, 28] = 1e3
+    for scale_in in (0.084, 0.3):
+        a, b = _band(ray, scale_in, ivar), _band(noise, scale_in, ivar)
+        for bd in (a, b):
+            _regrid_band(bd, 0.168, 24, (30, 30), 25)
+        kept = a.ivar > 0
+        assert 0 < (~kept).sum() < 24 * 24 / 2  # the ray's neighbourhood (and any edge)
+        np.testing.assert_array_equal(a.image[kept], b.image[kept])
+        np.testing.assert_array_equal(a.ivar, b.ivar)
+
+
+def test_regrid_pixels_past_the_cutout_edge_get_no_ivar():
+    """A flat cutout of 30 pixels at 0.3" on a wider 64-pixel 0.168" stamp: new pixels whose
+    interpolant reaches past the cutout's edge (its mass inside short of 1, or above 1 where the
+    missing pixels had negative weights) get ivar 0; every kept one holds the flat level."""
+    from sim2obs.data.resample import _regrid_band
+
+    bd = _band(np.ones((30, 30)), 0.3, np.ones((30, 30)))
+    _regrid_band(bd, 0.168, 64, (15, 15), 25)
+    kept = bd.ivar > 0
+    assert kept.sum() > 100
+    np.testing.assert_allclose(bd.image[kept], (0.168 / 0.3) ** 2, rtol=1e-3)
+    assert np.abs(bd.image[~kept & (bd.image != 0)] / (0.168 / 0.3) ** 2 - 1).max() > 0.05  # ringing there

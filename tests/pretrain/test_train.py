@@ -493,3 +493,32 @@ def test_cli_caps_steps_and_names_the_device(synthetic_folders, tmp_path, capsys
                  "--max-steps-per-epoch", "0"]) == 1
     assert "--max-steps-per-epoch must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(synthetic_folders, tmp_path, monkeypatch):
+    """A loss that turns NaN stops the run with the epoch and step named; the checkpoint of the
+    last finished epoch stays as it was (finite weights), so --resume starts from it."""
+    import math
+
+    import sim2obs.pretrain.train as train_mod
+
+    real = train_mod._make_loss
+    calls = {"n": 0}
+
+    def poisoned(config, gather):
+        fn = real(config, gather=gather)
+
+        def loss(za, zb):
+            calls["n"] += 1
+            out = fn(za, zb)
+            return out * float("nan") if calls["n"] == 5 else out  # epoch 2, its 2nd step (3 per epoch)
+        return loss
+
+    monkeypatch.setattr(train_mod, "_make_loss", poisoned)
+    cfg = PretrainConfig(**{**TINY, "val_fraction": 0.0})
+    with pytest.raises(Sim2ObsValueError, match=r"loss became nan at epoch 2 step 2: lower --lr"):
+        pretrain([synthetic_folders[0]], tmp_path / "run", cfg, progress=False, max_steps_per_epoch=3)
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert all(math.isfinite(float(r["train_loss"])) for r in csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
