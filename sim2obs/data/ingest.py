@@ -525,9 +525,10 @@ def assemble(objects: list[RawObject], opts: IngestOptions, skips: _Skips, log=N
                                         "and --no-resample was given")
         if needs:
             shapes = {bd.image.shape for bd in o.bands.values()}
-            ref = next(iter(o.bands.values())).image
-            total = sum(bd.image for bd in o.bands.values()) if len(shapes) == 1 else ref
-            centre = brightest_near_centre(total)
+            # masked pixels (cosmic rays, saturated stars: ivar 0) must not decide the centre
+            clean = [np.where(bd.ivar > 0, bd.image, 0.0) if bd.ivar is not None else bd.image
+                     for bd in o.bands.values()]
+            centre = brightest_near_centre(sum(clean) if len(shapes) == 1 else clean[0])
             for bd in o.bands.values():
                 _regrid_band(bd, scale_out, stamp, centre, opts.psf_stamp)
         for b, bd in o.bands.items():

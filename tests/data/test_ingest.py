@@ -168,6 +168,31 @@ def test_resample_conserves_flux_and_recentres(tmp_path):
     assert rec["from_arcsec"] == pytest.approx(0.084) and rec["to_arcsec"] == pytest.approx(0.168)
 
 
+def test_masked_hot_pixel_does_not_decide_the_centre(tmp_path):
+    """A masked hot pixel (ivar 0) brighter than the galaxy, near the centre: the cutout is
+    still recentred on the galaxy, and the pixel's value reaches no kept new pixel (they equal
+    those of the same cutout without it)."""
+    n = 60
+    h = _wcs(fits.Header(), 0.084)
+    h.update(BANDS="g", BUNIT="nanomaggy", OBJID=6)
+    img = _blob(0, n=n, flux=1000.0, noise=0.01, cx=n // 2 + 4)     # source 4 px right of centre
+    ivar = np.full((1, n, n), 1e4, np.float32)
+    ivar[0, n // 2, n // 2 - 4] = 0.0                                 # masked pixel 4 px left
+    shards = []
+    for name, value in (("hot", 1e4), ("cold", img[n // 2, n // 2 - 4])):
+        im = img.copy()
+        im[n // 2, n // 2 - 4] = value
+        fits.HDUList([fits.PrimaryHDU(im[None], header=h), fits.ImageHDU(ivar, name="IVAR")]).writeto(tmp_path / f"{name}.fits")
+        ingest_fits([tmp_path / f"{name}.fits"], tmp_path / name, _fopts(survey="hsc", stamp=24))
+        shards.append(read_folder(tmp_path / name))
+    hot, cold = shards
+    kept = hot.ivar[0, 0] > 0
+    assert np.unravel_index(np.argmax(hot.images[0, 0]), (24, 24)) == (12, 12)
+    assert 0 < (~kept).sum() < 24
+    np.testing.assert_array_equal(hot.images[0, 0][kept], cold.images[0, 0][kept])
+    np.testing.assert_array_equal(hot.ivar, cold.ivar)
+
+
 # --- catalogue join --------------------------------------------------------------------------
 
 def _two_objects(tmp_path):
