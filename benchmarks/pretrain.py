@@ -26,6 +26,7 @@ Ratios are taken within this run (machines here are noisy). Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -207,6 +208,13 @@ def main() -> None:
                     print(f"[{name}, {share}, {label}] bare loop {bare:7.1f} samples/s | sim2obs "
                           f"pretrain {ours:7.1f} ({ours / bare:4.2f}x bare, target >= 0.9) | loader"
                           f"+augment {load:7.1f} ({load / ours:4.1f}x training, target >= 3)")
+                    if dev.type == "cpu" and augment_on == "loader" and threads > 1:
+                        # the data pipeline's capacity on the whole machine: one worker per thread
+                        # (what k workers give a training run with k cores to spare)
+                        every = loader_rate(folder, dataclasses.replace(cfg, num_workers=threads),
+                                            args.steps, dev)
+                        print(f"    loader+augment alone in {threads} workers: {every:7.1f} samples/s "
+                              f"({every / ours:4.1f}x the training rate above)")
             torch.set_num_threads(threads)
         cfg = PretrainConfig(batch_size=args.batch_size, val_fraction=0.05)
         ms = data_path_ms(folder, cfg)
