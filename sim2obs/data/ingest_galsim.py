@@ -142,10 +142,10 @@ def _to_stamp(arr: np.ndarray, scale_in: float, scale_out: float, stamp: int) ->
     """(image, coverage 0..1, record): ``arr`` on a ``stamp`` grid at ``scale_out`` with the
     input's true centre on the output's true centre, flux conserved."""
     h, w = arr.shape
-    same = abs(scale_in - scale_out) <= 1e-4 * scale_out
+    to = _grid_scale(scale_in, scale_out)
+    same = to == scale_in
     # the input point that lands on pixel stamp//2 (sim2obs < 0.2.3 put it half an *input* pixel
     # past the centre of even stamps: resampled galaxies sat 0.5 (1 - scale_in / scale_out) px off)
-    to = scale_in if same else scale_out
     cy, cx = true_centre_source(h, stamp, scale_in, to), true_centre_source(w, stamp, scale_in, to)
     if same and float(cy).is_integer() and float(cx).is_integer():
         centre = (int(cy), int(cx))
@@ -159,15 +159,24 @@ def _to_stamp(arr: np.ndarray, scale_in: float, scale_out: float, stamp: int) ->
                         "centre_yx": [cy, cx], "stamp": stamp}
 
 
+def _grid_scale(scale_in: float, scale_out: float) -> float:
+    """The scale the native image is resampled to: its own where the target differs by at most
+    1e-4 (a whole- or half-pixel shift, no change of scale), else the target's."""
+    return scale_in if abs(scale_in - scale_out) <= 1e-4 * scale_out else scale_out
+
+
+def _resampling(record: dict) -> tuple[float, float, int, tuple[float, float]]:
+    """(scale_in, scale, stamp, centre) of :func:`_to_stamp`'s resampling, from its ``record``."""
+    return (record["from_arcsec"], _grid_scale(record["from_arcsec"], record["to_arcsec"]),
+            record["stamp"], tuple(record["centre_yx"]))
+
+
 def _stamp_masked_fraction(bad: np.ndarray, record: dict) -> np.ndarray:
     """Share of each stamp pixel's absolute weight from the native pixels ``bad`` (1 where bad)
     under :func:`_to_stamp`'s geometry ``record`` (negative interpolant lobes count too)."""
     if record["kind"].startswith("crop"):
         return _crop(bad.astype(np.float64), tuple(int(c) for c in record["centre_yx"]), record["stamp"])
-    same = abs(record["from_arcsec"] - record["to_arcsec"]) <= 1e-4 * record["to_arcsec"]
-    to = record["from_arcsec"] if same else record["to_arcsec"]
-    return masked_weight_fraction(bad.astype(np.float64), record["from_arcsec"], to, record["stamp"],
-                                  tuple(record["centre_yx"]))
+    return masked_weight_fraction(bad.astype(np.float64), *_resampling(record))
 
 
 def _stamp_variance(shape: tuple[int, int], var: float, record: dict) -> np.ndarray | float:
@@ -176,10 +185,7 @@ def _stamp_variance(shape: tuple[int, int], var: float, record: dict) -> np.ndar
     weights (:func:`~sim2obs.data.resample.resample_variance`)."""
     if record["kind"].startswith("crop"):
         return var
-    same = abs(record["from_arcsec"] - record["to_arcsec"]) <= 1e-4 * record["to_arcsec"]
-    to = record["from_arcsec"] if same else record["to_arcsec"]
-    return resample_variance(np.full(shape, float(var)), record["from_arcsec"], to, record["stamp"],
-                             tuple(record["centre_yx"]))
+    return resample_variance(np.full(shape, float(var)), *_resampling(record))
 
 
 def _read_object(cat, i: int, scale_out: float, stamp: int, psf_stamp: int, opts: IngestOptions,

@@ -196,14 +196,14 @@ def _regrid_band(bd: BandData, scale_out: float, stamp: int, centre, psf_stamp: 
         return
     bad = (bd.ivar <= 0).astype(np.float64)
     var = np.where(bad > 0, 0.0, 1.0 / np.where(bad > 0, 1.0, bd.ivar))
-    a_y, a_x = _matrices(bd.image, bd.pixel_scale, scale_out, stamp, centre, "quintic")
+    geometry = (bd.pixel_scale, scale_out, stamp, centre)  # one set of (cached) weights for all
     # masked pixels' values (cosmic rays, bad columns) must not leak into kept new pixels
-    img = a_y @ np.where(bad > 0, 0.0, bd.image) @ a_x.T
-    var_out = np.square(a_y) @ var @ np.square(a_x).T  # exact per pixel for independent input pixels
-    from_bad = masked_weight_fraction(bad, bd.pixel_scale, scale_out, stamp, centre)
+    img = resample_flux(np.where(bad > 0, 0.0, bd.image), *geometry)
+    var_out = resample_variance(var, *geometry)
+    from_bad = masked_weight_fraction(bad, *geometry)
     # the interpolant's mass inside the cutout: past an edge it is short of 1 -- or above 1,
     # where the missing pixels would have had negative weights
-    cover = (a_y.sum(1)[:, None] * a_x.sum(1)[None, :]) / (scale_out / bd.pixel_scale) ** 2
+    cover = resample_flux(np.ones_like(var), *geometry) / (scale_out / bd.pixel_scale) ** 2
     ok = (from_bad < 1e-3) & (np.abs(cover - 1.0) < 1e-3) & (var_out > 0)
     bd.ivar = np.where(ok, 1.0 / np.where(ok, var_out, 1.0), 0.0)
     bd.image = np.where(cover > 1e-3, img, 0.0)
